@@ -1,0 +1,59 @@
+"""Demo tasks: one succeeds, one fails a few times then succeeds, one always fails.
+
+``record`` and ``plain_record`` write an ``Execution`` row per body run, so tests can count
+executions and duplicates in the database.
+"""
+
+import os
+import time
+
+from celery import shared_task
+
+from example_project.demo.models import Execution
+from reliable_tasks import ReliableTask
+
+
+class FlakyError(Exception):
+    """A transient error the demo tasks retry on."""
+
+
+@shared_task(base=ReliableTask, name="demo.add")
+def add(x: int, y: int) -> int:
+    """Succeed at once."""
+    return x + y
+
+
+@shared_task(
+    bind=True, base=ReliableTask, name="demo.flaky",
+    retry_for=(FlakyError,), max_attempts=5, retry_backoff=1, retry_backoff_max=2,
+)
+def flaky(self: ReliableTask, failures: int = 2) -> str:
+    """Fail ``failures`` times, then succeed."""
+    if self.request.retries < failures:
+        raise FlakyError(f"attempt {self.request.retries + 1} of {failures + 1} fails on purpose")
+    return f"succeeded after {failures} failures"
+
+
+@shared_task(
+    base=ReliableTask, name="demo.always_fails",
+    retry_for=(FlakyError,), max_attempts=3, retry_backoff=1, retry_backoff_max=2,
+)
+def always_fails() -> None:
+    """Fail every attempt; ends as FAILURE after ``max_attempts``."""
+    raise FlakyError("this task always fails")
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.record")
+def record(self: ReliableTask, token: str, sleep: float = 0.0) -> str:
+    """Log one execution of the body under ``token`` (after sleeping ``sleep`` seconds)."""
+    if sleep:
+        time.sleep(sleep)
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    return token
+
+
+@shared_task(bind=True, name="demo.plain_record")
+def plain_record(self, token: str) -> str:  # noqa: ANN001 - plain Celery task, no ReliableTask
+    """The same as ``record`` but a plain Celery task: adopted into the ledger from signals."""
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    return token

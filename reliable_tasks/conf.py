@@ -1,0 +1,132 @@
+"""The app's settings: flat ``RELIABLE_TASKS_<NAME>`` Django settings, read on every access.
+
+Reading on access (never at import time) keeps ``override_settings`` working. Durations are
+seconds (``int`` or ``float``). Validation lives in ``reliable_tasks.checks``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings as django_settings
+
+PREFIX = "RELIABLE_TASKS_"
+
+
+@dataclass(frozen=True)
+class SettingSpec:
+    """One setting: its default, the types it accepts and what it is for."""
+
+    default: Any
+    types: tuple[type, ...]
+    help: str
+    minimum: float | None = None
+
+
+SPECS: dict[str, SettingSpec] = {
+    "PUBLISH_GRACE": SettingSpec(
+        30, (int, float), "Seconds a PENDING row may wait for its after-commit publish "
+        "before the sweeper publishes it.", minimum=0),
+    "PUBLISH_TIMEOUT": SettingSpec(
+        2.0, (int, float), "Upper bound in seconds of one publish attempt (connect and "
+        "write), so a request never hangs on a down or hung Redis.", minimum=0.05),
+    "SWEEP_INTERVAL": SettingSpec(
+        10, (int, float), "Seconds between sweeper passes (beat entry).", minimum=1),
+    "HEARTBEAT_INTERVAL": SettingSpec(
+        5, (int, float), "Seconds between worker heartbeats and lease extensions.", minimum=0.1),
+    "LEASE_TIMEOUT": SettingSpec(
+        30, (int, float), "Seconds a started task's lease lasts without a heartbeat.", minimum=1),
+    "MAX_ATTEMPTS": SettingSpec(
+        3, (int,), "Attempts of a task (first run included) before it is FAILURE.", minimum=1),
+    "RETRY_BACKOFF": SettingSpec(
+        2, (int, float), "Base delay in seconds of the exponential retry backoff.", minimum=0),
+    "RETRY_BACKOFF_MAX": SettingSpec(
+        600, (int, float), "Cap in seconds of the retry backoff.", minimum=0),
+    "RETENTION": SettingSpec(
+        7 * 24 * 3600, (int, float), "Seconds finished rows are kept before pruning.", minimum=0),
+    "ENTRY_PREFIX": SettingSpec(
+        "reliable_tasks:", (str,), "Prefix of the RedBeat entries and Redis keys this app owns."),
+    "SWEEP_BATCH_SIZE": SettingSpec(
+        500, (int,), "Rows one sweeper step handles at most.", minimum=1),
+    "CELERY_APP": SettingSpec(
+        None, (str, type(None)), "Dotted path of the Celery app; default: Celery's current app."),
+    "MAX_PAYLOAD_BYTES": SettingSpec(
+        256 * 1024, (int,), "Largest JSON size of a task's args plus kwargs.", minimum=1),
+    "DELAY_THRESHOLD": SettingSpec(
+        300, (int, float), "Tasks delayed further than this many seconds are held in the "
+        "database and published by the sweeper when due.", minimum=0),
+    "HISTORY_LIMIT": SettingSpec(
+        20, (int,), "Attempts kept in a row's history.", minimum=1),
+}
+
+
+class ReliableTasksSettings:
+    """Typed access to the app's settings; every attribute is read from Django on access."""
+
+    def _get(self, name: str) -> Any:
+        return getattr(django_settings, PREFIX + name, SPECS[name].default)
+
+    @property
+    def PUBLISH_GRACE(self) -> float:
+        return float(self._get("PUBLISH_GRACE"))
+
+    @property
+    def PUBLISH_TIMEOUT(self) -> float:
+        return float(self._get("PUBLISH_TIMEOUT"))
+
+    @property
+    def SWEEP_INTERVAL(self) -> float:
+        return float(self._get("SWEEP_INTERVAL"))
+
+    @property
+    def HEARTBEAT_INTERVAL(self) -> float:
+        return float(self._get("HEARTBEAT_INTERVAL"))
+
+    @property
+    def LEASE_TIMEOUT(self) -> float:
+        return float(self._get("LEASE_TIMEOUT"))
+
+    @property
+    def MAX_ATTEMPTS(self) -> int:
+        return int(self._get("MAX_ATTEMPTS"))
+
+    @property
+    def RETRY_BACKOFF(self) -> float:
+        return float(self._get("RETRY_BACKOFF"))
+
+    @property
+    def RETRY_BACKOFF_MAX(self) -> float:
+        return float(self._get("RETRY_BACKOFF_MAX"))
+
+    @property
+    def RETENTION(self) -> float:
+        return float(self._get("RETENTION"))
+
+    @property
+    def ENTRY_PREFIX(self) -> str:
+        return str(self._get("ENTRY_PREFIX"))
+
+    @property
+    def SWEEP_BATCH_SIZE(self) -> int:
+        return int(self._get("SWEEP_BATCH_SIZE"))
+
+    @property
+    def CELERY_APP(self) -> str | None:
+        value = self._get("CELERY_APP")
+        return str(value) if value else None
+
+    @property
+    def MAX_PAYLOAD_BYTES(self) -> int:
+        return int(self._get("MAX_PAYLOAD_BYTES"))
+
+    @property
+    def DELAY_THRESHOLD(self) -> float:
+        return float(self._get("DELAY_THRESHOLD"))
+
+    @property
+    def HISTORY_LIMIT(self) -> int:
+        return int(self._get("HISTORY_LIMIT"))
+
+
+app_settings = ReliableTasksSettings()
