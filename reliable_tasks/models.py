@@ -30,6 +30,8 @@ class TaskRecord(models.Model):
     max_attempts = models.PositiveIntegerField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
     publish_error = models.TextField(blank=True, default="")
+    duplicate_deliveries = models.PositiveIntegerField(
+        default=0, help_text="Deliveries skipped because the task had finished or was running.")
 
     eta = models.DateTimeField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)

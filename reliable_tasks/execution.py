@@ -1,0 +1,221 @@
+"""``ReliableTask``: a Celery task class whose calls go through the outbox and whose runs claim.
+
+Calling side: ``delay``/``apply_async``/``delay_on_commit`` record the task with ``dispatch()``.
+Worker side: the body runs only after the worker claimed the task's row; a duplicate delivery of
+a finished task (or of one running under a live lease) is acknowledged and skipped. Outcomes are
+written to the ledger; a ledger write that fails is logged and never fails the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from celery.contrib.django.task import DjangoTask
+from celery.exceptions import Ignore, Reject, Retry
+from celery.result import AsyncResult
+from django.db import DatabaseError
+from django.utils import timezone
+
+from reliable_tasks import ledger
+from reliable_tasks.conf import app_settings
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.outbox import dispatch, publish_records
+from reliable_tasks.payload import to_stored
+
+logger = logging.getLogger(__name__)
+
+#: Options of ``apply_async`` that only make sense for an immediate publish; the outbox
+#: publishes later over its own connection, so it drops them.
+_RUNTIME_ONLY_OPTIONS = ("producer", "connection", "router", "result_cls", "add_to_parent",
+                         "publisher", "retry", "retry_policy")
+
+
+class _SettingDefault:
+    """A class attribute that reads its default from the app's settings until overridden."""
+
+    def __init__(self, setting: str) -> None:
+        self.setting = setting
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        return getattr(app_settings, self.setting)
+
+
+def backoff_seconds(attempt: int, base: float, maximum: float, jitter: bool) -> float:
+    """Delay before the attempt after ``attempt``: ``base * 2**(attempt-1)``, capped.
+
+    With ``jitter`` the delay is drawn from its upper half, so retries of many tasks spread out
+    while the spacing stays within a factor of two of the configured curve.
+    """
+    delay = min(maximum, base * (2 ** max(attempt - 1, 0)))
+    if jitter and delay > 0:
+        delay = delay / 2 + random.uniform(0, delay / 2)  # noqa: S311 - not for security
+    return delay
+
+
+class ReliableTask(DjangoTask):
+    """Celery task base class backed by the ledger.
+
+    Attributes (all optional, per task): ``max_attempts`` (runs before FAILURE, first run
+    included), ``retry_for`` (exception classes retried with backoff), ``retry_backoff`` and
+    ``retry_backoff_max`` (seconds), ``retry_on_lost`` (safe to re-run after its worker died).
+    Celery's ``self.retry()`` and ``autoretry_for`` keep working and are recorded.
+    """
+
+    max_attempts = _SettingDefault("MAX_ATTEMPTS")
+    retry_backoff = _SettingDefault("RETRY_BACKOFF")
+    retry_backoff_max = _SettingDefault("RETRY_BACKOFF_MAX")
+    retry_for: tuple[type[BaseException], ...] = ()
+    retry_on_lost = False
+    #: Attempts are limited by ``max_attempts`` in the ledger, not by Celery's counter.
+    max_retries = None
+
+    # -- calling side -------------------------------------------------------------------
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
+                    producer: Any = None, link: Any = None, link_error: Any = None,
+                    shadow: Any = None, **options: Any) -> AsyncResult:
+        """Record the call in the ledger; it is published when the transaction commits."""
+        retrying = getattr(self.request, "reliable_retry", None)
+        if retrying is not None and task_id is not None and task_id == self.request.id:
+            return self._publish_retry(args, kwargs, task_id, options, retrying)
+        for key in _RUNTIME_ONLY_OPTIONS:
+            options.pop(key, None)
+        extra = {"link": link, "link_error": link_error, "shadow": shadow}
+        options.update({key: value for key, value in extra.items() if value is not None})
+        record = dispatch(self, args, kwargs, task_id=task_id, **options)
+        return self.AsyncResult(str(record.pk))
+
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """Record now, in the current transaction; the outbox publishes on commit."""
+        dispatch(self, args, kwargs)
+
+    def apply_async_on_commit(self, *args: Any, **kwargs: Any) -> None:
+        """Same as ``apply_async``: the outbox already publishes on commit."""
+        self.apply_async(*args, **kwargs)
+
+    # -- worker side --------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:
+            return self.run(*args, **kwargs)
+        claimed = self._claim(request)
+        request.reliable_claim = claimed
+        request.reliable_retry = None
+        try:
+            return self.run(*args, **kwargs)
+        except (Retry, Ignore, Reject):
+            raise
+        except self._retry_for_classes() as exc:
+            if claimed is not None and claimed.attempt >= self._max_attempts():
+                raise
+            delay = backoff_seconds(
+                claimed.attempt if claimed else request.retries + 1,
+                float(self.retry_backoff), float(self.retry_backoff_max),
+                bool(getattr(self, "retry_jitter", True)))
+            raise self.retry(exc=exc, countdown=delay) from exc
+
+    def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
+              throw: bool = True, eta: datetime | None = None, countdown: float | None = None,
+              max_retries: int | None = None, **options: Any) -> Retry:
+        """Celery's ``retry()``, limited by ``max_attempts`` and recorded in the ledger."""
+        claimed = getattr(self.request, "reliable_claim", None)
+        if claimed is not None and claimed.attempt >= self._max_attempts():
+            if exc is not None:
+                raise exc
+            raise self.MaxRetriesExceededError(
+                f"{self.name}[{self.request.id}] used its {self._max_attempts()} attempts")
+        self.request.reliable_retry = exc if exc is not None else Retry()
+        return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
+                             countdown=countdown, max_retries=max_retries, **options)
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        """Record SUCCESS."""
+        claimed = getattr(self.request, "reliable_claim", None)
+        if claimed is not None:
+            self._safely(ledger.record_success, task_id, claimed, self.request.hostname or "")
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
+                   einfo: Any) -> None:
+        """Record FAILURE with the error and its traceback."""
+        claimed = getattr(self.request, "reliable_claim", None)
+        if claimed is not None:
+            tb = getattr(einfo, "traceback", None)
+            self._safely(ledger.record_failure, task_id, claimed, self.request.hostname or "",
+                         exc, tb)
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _max_attempts(self) -> int:
+        return int(self.max_attempts)
+
+    def _retry_for_classes(self) -> tuple[type[BaseException], ...]:
+        return tuple(self.retry_for or ())
+
+    def _claim(self, request: Any) -> ledger.Claim | None:
+        """Claim the row; raise ``Ignore`` for a duplicate; ``None`` if the ledger is unusable."""
+        task_id = request.id
+        try:
+            UUID(str(task_id))
+        except ValueError:
+            logger.warning("%s[%s]: task id is not a UUID; running without the ledger",
+                           self.name, task_id)
+            return None
+        try:
+            claimed = ledger.claim(task_id, task_name=self.name, worker=request.hostname or "",
+                                   rerun_after_lost=self.retry_on_lost)
+        except DatabaseError:
+            logger.exception("%s[%s]: claiming in the ledger failed; running unrecorded",
+                             self.name, task_id)
+            return None
+        if not claimed.won:
+            self._safely(ledger.count_duplicate_delivery, task_id)
+            logger.info("%s[%s]: duplicate delivery skipped (%s)", self.name, task_id,
+                        claimed.reason)
+            raise Ignore(f"duplicate delivery: {claimed.reason}")
+        return claimed
+
+    def _publish_retry(self, args: Any, kwargs: Any, task_id: str, options: dict[str, Any],
+                       exc: BaseException) -> AsyncResult:
+        """Celery's retry path: record RETRY first, then publish (or hold) the next attempt."""
+        claimed = getattr(self.request, "reliable_claim", None)
+        if claimed is None:
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        now = timezone.now()
+        eta = options.get("eta")
+        if options.get("countdown") is not None:
+            eta = now + timedelta(seconds=float(options["countdown"]))
+        eta = eta or now
+        held = (eta - now).total_seconds() > app_settings.DELAY_THRESHOLD
+        sweeper_due_at = eta if held else eta + timedelta(seconds=app_settings.PUBLISH_GRACE)
+        recorded = self._safely(
+            ledger.record_retry, task_id, claimed, self.request.hostname or "",
+            None if isinstance(exc, Retry) else exc, sweeper_due_at)
+        if not recorded:
+            return super().apply_async(args, kwargs, task_id=task_id, **options)
+        self._safely(_store_retry_call, task_id, args, kwargs, eta)
+        if not held:
+            record = TaskRecord.objects.get(pk=task_id)
+            publish_records([record])
+        return self.AsyncResult(task_id)
+
+    def _safely(self, write: Any, *args: Any) -> Any:
+        try:
+            return write(*args)
+        except DatabaseError:
+            logger.exception("%s: ledger write %s failed; the task itself is unaffected",
+                             self.name, getattr(write, "__name__", write))
+            return None
+
+
+def _store_retry_call(task_id: str, args: Any, kwargs: Any, eta: datetime) -> None:
+    changes: dict[str, Any] = {"eta": eta}
+    if args is not None:
+        changes["args"] = to_stored(list(args), "args")
+    if kwargs is not None:
+        changes["kwargs"] = to_stored(dict(kwargs), "kwargs")
+    TaskRecord.objects.filter(pk=task_id).update(**changes)

@@ -1,0 +1,241 @@
+"""State transitions of the ledger, each one conditional UPDATE (compare-and-set).
+
+The worker's claim and every outcome write name the state (and attempt) they expect, so two
+workers, two sweepers, or a sweeper and a worker can never both win, and a late or duplicate
+event never moves a row backwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback as traceback_module
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from reliable_tasks.conf import app_settings
+from reliable_tasks.exceptions import RetryNotAllowed
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.states import CLAIMABLE_STATES, MANUALLY_RETRYABLE_STATES, TaskState
+
+logger = logging.getLogger(__name__)
+
+_ERROR_MESSAGE_LIMIT = 4000
+_TRACEBACK_LIMIT = 20000
+
+
+@dataclass
+class Claim:
+    """The outcome of a worker's claim on a delivery."""
+
+    won: bool
+    attempt: int = 0
+    reason: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    started_at: datetime | None = None
+
+
+def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) -> Claim:
+    """Claim the row of a delivered task for this worker, or say why the body must not run.
+
+    Wins from PENDING, QUEUED and RETRY, and from STARTED whose lease expired when the task may
+    re-run after its worker died. A delivery of a finished task, or of one running under a live
+    lease, loses. A row that does not exist (sent around the outbox, or pruned) is recorded as
+    started by this delivery.
+    """
+    now = timezone.now()
+    row = (TaskRecord.objects.filter(id=task_id)
+           .values("state", "attempts", "lease_expires_at", "expires_at", "history").first())
+    if row is None:
+        return _claim_unrecorded(task_id, task_name, worker, now, rerun_after_lost)
+    state, attempts = row["state"], row["attempts"]
+    lease_expired = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+    if state in CLAIMABLE_STATES and row["expires_at"] is not None and row["expires_at"] < now:
+        TaskRecord.objects.filter(id=task_id, state=state).update(
+            state=TaskState.EXPIRED, finished_at=now)
+        return Claim(won=False, reason=f"expired at {row['expires_at'].isoformat()}")
+    if not (state in CLAIMABLE_STATES
+            or (state == TaskState.STARTED and lease_expired and rerun_after_lost)):
+        why = "running under a live lease" if state == TaskState.STARTED else f"already {state}"
+        return Claim(won=False, reason=why)
+    changed = TaskRecord.objects.filter(id=task_id, state=state, attempts=attempts).update(
+        state=TaskState.STARTED, attempts=attempts + 1, worker=worker, started_at=now,
+        lease_expires_at=now + timedelta(seconds=app_settings.LEASE_TIMEOUT),
+        next_attempt_at=None,
+    )
+    if changed != 1:
+        return Claim(won=False, reason="claimed by another delivery")
+    return Claim(won=True, attempt=attempts + 1, history=list(row["history"] or []),
+                 started_at=now)
+
+
+def count_duplicate_delivery(task_id: str) -> None:
+    """Count a delivery that was skipped because the task had finished or was running."""
+    TaskRecord.objects.filter(id=task_id).update(
+        duplicate_deliveries=F("duplicate_deliveries") + 1)
+
+
+def _claim_unrecorded(task_id: str, task_name: str, worker: str, now: datetime,
+                      rerun_after_lost: bool) -> Claim:
+    try:
+        with transaction.atomic():
+            TaskRecord.objects.create(
+                id=task_id, task_name=task_name, state=TaskState.STARTED, attempts=1,
+                worker=worker, started_at=now, adopted=True,
+                lease_expires_at=now + timedelta(seconds=app_settings.LEASE_TIMEOUT))
+    except IntegrityError:
+        # Another delivery recorded it first: claim against that row like any other.
+        return claim(task_id, task_name=task_name, worker=worker,
+                     rerun_after_lost=rerun_after_lost)
+    return Claim(won=True, attempt=1, started_at=now)
+
+
+def _history_entry(claimed: Claim, worker: str, outcome: str, now: datetime,
+                   error: str = "") -> dict[str, Any]:
+    entry = {
+        "attempt": claimed.attempt,
+        "worker": worker,
+        "started_at": claimed.started_at.isoformat() if claimed.started_at else None,
+        "finished_at": now.isoformat(),
+        "outcome": outcome,
+    }
+    if error:
+        entry["error"] = error[:500]
+    return entry
+
+
+def _bounded(history: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*history, entry][-app_settings.HISTORY_LIMIT:]
+
+
+def _error_fields(exc: BaseException, tb: str | None) -> dict[str, str]:
+    if tb is None:
+        tb = "".join(traceback_module.format_exception(exc))
+    return {
+        "error_type": f"{type(exc).__module__}.{type(exc).__qualname__}"[:255],
+        "error_message": str(exc)[:_ERROR_MESSAGE_LIMIT],
+        "traceback": tb[-_TRACEBACK_LIMIT:],
+    }
+
+
+def record_success(task_id: str, claimed: Claim, worker: str) -> bool:
+    """SUCCESS, unless a later attempt took the row meanwhile."""
+    now = timezone.now()
+    entry = _history_entry(claimed, worker, TaskState.SUCCESS, now)
+    return TaskRecord.objects.filter(id=task_id, attempts=claimed.attempt).transition(
+        (TaskState.STARTED, TaskState.RETRY, TaskState.LOST, TaskState.QUEUED),
+        state=TaskState.SUCCESS, finished_at=now, lease_expires_at=None, next_attempt_at=None,
+        history=_bounded(claimed.history, entry),
+    ) == 1
+
+
+def record_failure(task_id: str, claimed: Claim, worker: str, exc: BaseException,
+                   tb: str | None = None) -> bool:
+    """FAILURE (dead, waiting for a human), from this attempt's STARTED only."""
+    now = timezone.now()
+    errors = _error_fields(exc, tb)
+    entry = _history_entry(claimed, worker, TaskState.FAILURE, now,
+                           f"{errors['error_type']}: {errors['error_message']}")
+    return TaskRecord.objects.filter(id=task_id, attempts=claimed.attempt).transition(
+        (TaskState.STARTED,),
+        state=TaskState.FAILURE, finished_at=now, lease_expires_at=None, next_attempt_at=None,
+        history=_bounded(claimed.history, entry), **errors,
+    ) == 1
+
+
+def record_retry(task_id: str, claimed: Claim, worker: str, exc: BaseException | None,
+                 next_attempt_at: datetime, tb: str | None = None) -> bool:
+    """RETRY at ``next_attempt_at``, from this attempt's STARTED only."""
+    now = timezone.now()
+    errors = _error_fields(exc, tb) if exc is not None else {}
+    summary = f"{errors['error_type']}: {errors['error_message']}" if errors else ""
+    entry = _history_entry(claimed, worker, TaskState.RETRY, now, summary)
+    return TaskRecord.objects.filter(id=task_id, attempts=claimed.attempt).transition(
+        (TaskState.STARTED,),
+        state=TaskState.RETRY, next_attempt_at=next_attempt_at, lease_expires_at=None,
+        history=_bounded(claimed.history, entry), **errors,
+    ) == 1
+
+
+def record_revoked(task_id: str, *, expired: bool) -> bool:
+    """REVOKED (or EXPIRED) from any state in which the task has not finished."""
+    now = timezone.now()
+    if expired:
+        from_states = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY)
+        new_state = TaskState.EXPIRED
+    else:
+        from_states = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.STARTED)
+        new_state = TaskState.REVOKED
+    return TaskRecord.objects.filter(id=task_id).transition(
+        from_states, state=new_state, finished_at=now, lease_expires_at=None) == 1
+
+
+def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
+          force: bool = False) -> TaskRecord:
+    """Manually retry a task: back to PENDING with a fresh attempt budget, published on commit.
+
+    Allowed from FAILURE, LOST, REVOKED and EXPIRED, and from SUCCESS when ``force`` is set;
+    raises ``RetryNotAllowed`` from any other state. ``by`` (a user) is recorded in the row's
+    history and, for a user, in Django's admin log.
+    """
+    from reliable_tasks.outbox import publish_on_commit
+
+    record_id = record_or_id.pk if isinstance(record_or_id, TaskRecord) else record_or_id
+    allowed = set(MANUALLY_RETRYABLE_STATES) | ({TaskState.SUCCESS} if force else set())
+    with transaction.atomic():
+        record = TaskRecord.objects.select_for_update().get(pk=record_id)
+        if record.state not in allowed:
+            hint = " (pass force=True to re-run a successful task)" if (
+                record.state == TaskState.SUCCESS) else ""
+            raise RetryNotAllowed(
+                f"Task {record.task_name}[{record.pk}] is {record.state}: it can be retried "
+                f"only from {', '.join(sorted(allowed))}{hint}")
+        now = timezone.now()
+        budget = record.max_attempts or _task_max_attempts(record.task_name)
+        entry = {"manual_retry": True, "from_state": record.state, "at": now.isoformat(),
+                 "by": str(by) if by is not None else None}
+        previous_state = record.state
+        changed = TaskRecord.objects.filter(pk=record.pk).transition(
+            (previous_state,),
+            state=TaskState.PENDING, max_attempts=record.attempts + budget,
+            finished_at=None, lease_expires_at=None,
+            next_attempt_at=now + timedelta(seconds=app_settings.PUBLISH_GRACE),
+            eta=None, expires_at=None, publish_error="",
+            history=_bounded(list(record.history or []), entry),
+        )
+        if changed != 1:
+            raise RetryNotAllowed(f"Task {record.pk} changed state meanwhile; try again")
+        record.refresh_from_db()
+        _audit_manual_retry(record, by, previous_state)
+        publish_on_commit([record])
+    return record
+
+
+def _task_max_attempts(task_name: str) -> int:
+    from reliable_tasks.celery_app import get_celery_app
+
+    task = get_celery_app().tasks.get(task_name)
+    value = getattr(task, "max_attempts", None)
+    return int(value) if value else app_settings.MAX_ATTEMPTS
+
+
+def _audit_manual_retry(record: TaskRecord, by: Any, previous_state: str) -> None:
+    from django.contrib.admin.models import CHANGE, LogEntry
+    from django.contrib.auth.models import AbstractBaseUser
+    from django.contrib.contenttypes.models import ContentType
+
+    if not isinstance(by, AbstractBaseUser):
+        return
+    LogEntry.objects.create(
+        user_id=by.pk,
+        content_type_id=ContentType.objects.get_for_model(TaskRecord).pk,
+        object_id=str(record.pk),
+        object_repr=str(record)[:200],
+        action_flag=CHANGE,
+        change_message=f"Retried manually from {previous_state}.",
+    )

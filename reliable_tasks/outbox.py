@@ -1,0 +1,300 @@
+"""The transactional outbox: record tasks in the caller's transaction, publish after commit.
+
+``dispatch()`` writes a ``TaskRecord`` and registers an after-commit hook. When the transaction
+commits, the first of its hooks publishes every task the transaction recorded in one pipelined
+batch and marks them QUEUED in one UPDATE; a rolled-back transaction (or savepoint) publishes
+nothing. A failed publish leaves the rows PENDING for the sweeper and never raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from celery.canvas import Signature
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import F
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from reliable_tasks.celery_app import get_celery_app
+from reliable_tasks.conf import app_settings
+from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.payload import stored_size, to_stored
+from reliable_tasks.publisher import send_records
+from reliable_tasks.states import TaskState
+
+logger = logging.getLogger(__name__)
+
+#: ``apply_async`` options kept as record columns rather than in ``options``.
+_COLUMN_OPTIONS = ("countdown", "eta", "expires", "task_id", "max_attempts",
+                   "parent_id", "root_id")
+
+
+def _task_name(app: Celery, task: Any) -> str:
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    if not isinstance(name, str) or not name:
+        raise UnknownTaskError(f"{task!r} is neither a task nor a task name")
+    if name not in app.tasks:
+        raise UnknownTaskError(
+            f"Unknown task {name!r}: it is not registered with the Celery app {app.main!r}")
+    return name
+
+
+def _as_datetime(value: Any, what: str) -> datetime:
+    if isinstance(value, str):
+        parsed = parse_datetime(value)
+        if parsed is None:
+            raise DispatchError(f"{what} is not an ISO 8601 datetime: {value!r}")
+        value = parsed
+    if not isinstance(value, datetime):
+        raise DispatchError(f"{what} must be a datetime, not {type(value).__name__}")
+    if timezone.is_naive(value):
+        value = timezone.make_aware(value, timezone.get_default_timezone())
+    return value
+
+
+def _eta(options: Mapping[str, Any], now: datetime) -> datetime | None:
+    if options.get("countdown") is not None:
+        return now + timedelta(seconds=float(options["countdown"]))
+    if options.get("eta") is not None:
+        return _as_datetime(options["eta"], "eta")
+    return None
+
+
+def _expires_at(expires: Any, now: datetime) -> datetime | None:
+    if expires is None:
+        return None
+    if isinstance(expires, int | float):
+        return now + timedelta(seconds=float(expires))
+    return _as_datetime(expires, "expires")
+
+
+def _lineage(app: Celery, options: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Parent and root ids: given, or those of the worker task that is dispatching."""
+    parent_id, root_id = options.get("parent_id"), options.get("root_id")
+    current = app.current_worker_task
+    if current is not None:
+        parent_id = parent_id or current.request.id
+        root_id = root_id or current.request.root_id or current.request.id
+    return parent_id, root_id
+
+
+def build_record(
+    app: Celery, task: Any, args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None,
+    options: Mapping[str, Any], now: datetime,
+) -> TaskRecord:
+    """Validate one call and return its unsaved ``TaskRecord``; raise ``DispatchError``."""
+    name = _task_name(app, task)
+    if args is None:
+        args = ()
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(args, list | tuple):
+        raise PayloadError(f"args of {name} must be a list or tuple, not {type(args).__name__}")
+    if not isinstance(kwargs, Mapping):
+        raise PayloadError(f"kwargs of {name} must be a mapping, not {type(kwargs).__name__}")
+    stored_args = to_stored(list(args), f"args of {name}")
+    stored_kwargs = to_stored(dict(kwargs), f"kwargs of {name}")
+    size = stored_size(stored_args, stored_kwargs)
+    if size > app_settings.MAX_PAYLOAD_BYTES:
+        raise PayloadError(
+            f"args and kwargs of {name} are {size} bytes of JSON, more than "
+            f"RELIABLE_TASKS_MAX_PAYLOAD_BYTES ({app_settings.MAX_PAYLOAD_BYTES})")
+    task_type = app.tasks[name]
+    expires = options.get("expires", getattr(task_type, "expires", None))
+    max_attempts = options.get("max_attempts")
+    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
+        raise DispatchError(f"max_attempts must be a positive integer, not {max_attempts!r}")
+    parent_id, root_id = _lineage(app, options)
+    extra = {key: value for key, value in options.items() if key not in _COLUMN_OPTIONS}
+    stored_options = to_stored(extra, f"options of {name}") if extra else {}
+    record = TaskRecord(
+        task_name=name,
+        args=stored_args,
+        kwargs=stored_kwargs,
+        options=stored_options,
+        queue=_queue_name(extra.get("queue")),
+        eta=_eta(options, now),
+        expires_at=_expires_at(expires, now),
+        max_attempts=max_attempts,
+        parent_id=parent_id,
+        root_id=root_id,
+        group_id=extra.get("group_id"),
+        created_at=now,
+    )
+    record.next_attempt_at = _first_publish_due_at(record, now)
+    if options.get("task_id"):
+        record.id = options["task_id"]
+    return record
+
+
+def _queue_name(queue: Any) -> str:
+    if queue is None:
+        return ""
+    return str(getattr(queue, "name", queue))
+
+
+def _is_held(record: TaskRecord, now: datetime) -> bool:
+    """Whether the row waits in the database for the sweeper instead of in Redis."""
+    return record.eta is not None and (
+        (record.eta - now).total_seconds() > app_settings.DELAY_THRESHOLD)
+
+
+def _first_publish_due_at(record: TaskRecord, now: datetime) -> datetime:
+    """When the sweeper publishes the row if the after-commit publish has not confirmed."""
+    if _is_held(record, now):
+        assert record.eta is not None
+        return record.eta
+    return now + timedelta(seconds=app_settings.PUBLISH_GRACE)
+
+
+def dispatch(task: Any, args: Sequence[Any] | None = (), kwargs: Mapping[str, Any] | None = None,
+             **options: Any) -> TaskRecord:
+    """Record a task in the current transaction and publish it after commit.
+
+    ``task`` is a task object or a registered task name; ``options`` are those of
+    ``apply_async`` (queue, countdown, eta, expires, priority, headers, ...) plus
+    ``max_attempts``. The record's id is the Celery task id. Raises ``DispatchError`` for
+    invalid input (nothing is recorded); never raises because the broker is unavailable.
+    """
+    app = get_celery_app()
+    now = timezone.now()
+    record = build_record(app, task, args, kwargs, options, now)
+    record.save(force_insert=True)
+    publish_on_commit([record])
+    return record
+
+
+def _normalize_call(call: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
+    if isinstance(call, Signature):
+        return call.task, call.args, call.kwargs, dict(call.options)
+    if isinstance(call, Mapping):
+        options = dict(call.get("options") or {})
+        return call["task"], call.get("args", ()), call.get("kwargs"), options
+    if isinstance(call, tuple | list) and 1 <= len(call) <= 4:
+        task, args, kwargs, options = [*call, None, None, None][:4]
+        return task, args, kwargs, dict(options or {})
+    raise DispatchError(
+        f"dispatch_many() takes signatures, mappings or (task, args, kwargs, options) tuples, "
+        f"not {call!r}")
+
+
+def dispatch_many(calls: Iterable[Any]) -> list[TaskRecord]:
+    """Record many tasks with one INSERT per batch and publish them after commit in one batch.
+
+    Each call is a Celery signature (``add.s(1, 2)``), a mapping with ``task``, ``args``,
+    ``kwargs`` and ``options``, or a ``(task, args, kwargs, options)`` tuple (trailing items
+    optional). All calls are validated before anything is recorded.
+    """
+    app = get_celery_app()
+    now = timezone.now()
+    records = [build_record(app, *_normalize_call(call), now) for call in calls]
+    if not records:
+        return []
+    with transaction.atomic():
+        TaskRecord.objects.bulk_create(records, batch_size=2000)
+    publish_on_commit(records)
+    return records
+
+
+class _PublishHook:
+    """After-commit hook of one ``dispatch`` call.
+
+    The first hook of a commit also takes the records of every other ``_PublishHook`` still
+    waiting in the connection's commit hooks (they belong to the same committed transaction:
+    Django drops the hooks of rolled-back savepoints before it runs any), so a transaction's
+    tasks go out in one batch. The hooks it took become no-ops.
+    """
+
+    __slots__ = ("records", "done", "using")
+
+    def __init__(self, records: list[TaskRecord], using: str) -> None:
+        self.records = records
+        self.done = False
+        self.using = using
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        batch = self._take_waiting_hooks()
+        publish_records(batch)
+
+    def _take_waiting_hooks(self) -> list[TaskRecord]:
+        self.done = True
+        batch = list(self.records)
+        waiting = getattr(connections[self.using], "run_on_commit", None) or []
+        for entry in waiting:
+            hook = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
+            if isinstance(hook, _PublishHook) and not hook.done:
+                hook.done = True
+                batch.extend(hook.records)
+        return batch
+
+
+def publish_on_commit(records: list[TaskRecord]) -> None:
+    """Publish ``records`` when the current transaction commits (at once in autocommit).
+
+    Rows delayed beyond ``DELAY_THRESHOLD`` are not published: the sweeper does when due.
+    """
+    now = timezone.now()
+    to_publish = [record for record in records if not _is_held(record, now)]
+    if to_publish:
+        using = DEFAULT_DB_ALIAS
+        transaction.on_commit(_PublishHook(to_publish, using), using=using)
+
+
+def publish_records(records: Sequence[TaskRecord]) -> int:
+    """Publish ``records`` in one batch and mark them QUEUED; return how many were published.
+
+    On failure the rows stay PENDING (or RETRY) with the error and a publish-attempt count, and
+    nothing is raised: the sweeper publishes them later.
+    """
+    if not records:
+        return 0
+    app = get_celery_app()
+    ids = [record.id for record in records]
+    if app.conf.task_always_eager:
+        return _run_eagerly(app, records)
+    try:
+        send_records(app, records)
+    except Exception as exc:  # noqa: BLE001 - any broker failure leaves the rows to the sweeper
+        logger.warning("publishing %d task(s) failed; the sweeper will retry: %r",
+                       len(records), exc)
+        _record_publish_failure(ids, exc)
+        return 0
+    _mark_queued(ids)
+    return len(records)
+
+
+def _mark_queued(ids: list[Any]) -> None:
+    TaskRecord.objects.filter(id__in=ids).transition(
+        (TaskState.PENDING, TaskState.RETRY),
+        state=TaskState.QUEUED, published_at=timezone.now(), next_attempt_at=None,
+        publish_attempts=F("publish_attempts") + 1, publish_error="",
+    )
+
+
+def _record_publish_failure(ids: list[Any], exc: Exception) -> None:
+    try:
+        TaskRecord.objects.filter(id__in=ids).transition(
+            (TaskState.PENDING, TaskState.RETRY),
+            publish_attempts=F("publish_attempts") + 1,
+            publish_error=f"{type(exc).__name__}: {exc}"[:2000],
+        )
+    except Exception:  # noqa: BLE001 - the rows are PENDING either way; the sweeper acts
+        logger.exception("recording a publish failure failed")
+
+
+def _run_eagerly(app: Celery, records: Sequence[TaskRecord]) -> int:
+    from reliable_tasks.payload import from_stored
+
+    for record in records:
+        app.tasks[record.task_name].apply(
+            args=from_stored(record.args), kwargs=from_stored(record.kwargs),
+            task_id=str(record.id))
+    return len(records)

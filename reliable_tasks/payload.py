@@ -1,0 +1,33 @@
+"""Task payloads as stored in the ledger: plain JSON that round-trips to what Celery sends.
+
+Celery's JSON serializer (kombu's) carries datetimes, UUIDs and Decimals as tagged objects. The
+ledger stores exactly that tagged form, so a re-publish from the database sends the same values
+the first publish did.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kombu.utils import json as kombu_json
+
+from reliable_tasks.exceptions import PayloadError
+
+
+def to_stored(value: Any, what: str) -> Any:
+    """Return ``value`` as plain JSON for the ledger; raise ``PayloadError`` if it cannot be."""
+    try:
+        return json.loads(kombu_json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"{what} must be JSON-serializable: {exc}") from exc
+
+
+def from_stored(value: Any) -> Any:
+    """Inverse of ``to_stored``: restore tagged datetimes, UUIDs and Decimals."""
+    return kombu_json.loads(json.dumps(value))
+
+
+def stored_size(*values: Any) -> int:
+    """Size in bytes of the JSON text of ``values``."""
+    return sum(len(json.dumps(value, separators=(",", ":"))) for value in values)

@@ -1,0 +1,141 @@
+"""Publishing ledger rows to the broker over one bounded, pipelined producer connection.
+
+The connection is the app's own (one per thread and process), with socket timeouts and no
+connection retries, so a publish to a down or hung Redis fails within ``PUBLISH_TIMEOUT``
+instead of blocking the caller. Messages of one batch go out in one Redis pipeline
+(kombu's ``Producer.batch``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from kombu import Connection, Producer
+
+from reliable_tasks.conf import app_settings
+from reliable_tasks.payload import from_stored
+
+if TYPE_CHECKING:
+    from reliable_tasks.models import TaskRecord
+
+logger = logging.getLogger(__name__)
+
+#: Options Celery takes as arguments of the task message rather than as publish properties.
+_MESSAGE_ARGUMENTS = (
+    "group_id", "group_index", "chord", "link", "link_error", "chain",
+    "time_limit", "soft_time_limit", "ignore_result", "shadow", "retries",
+)
+
+
+class _ThreadPublisher(threading.local):
+    connection: Connection | None = None
+    producer: Producer | None = None
+    pid: int = 0
+    broker_url: str = ""
+
+
+_local = _ThreadPublisher()
+
+
+def _bounded_connection(app: Celery) -> Connection:
+    timeout = app_settings.PUBLISH_TIMEOUT
+    return app.connection_for_write(
+        connect_timeout=timeout,
+        transport_options={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry_on_timeout": False,
+            "max_retries": 0,
+        },
+    )
+
+
+def _reset_local() -> None:
+    connection = _local.connection
+    _local.connection = None
+    _local.producer = None
+    if connection is not None:
+        try:
+            connection.release()
+        except Exception:  # noqa: BLE001 - the connection is being thrown away anyway
+            logger.debug("closing a broken publisher connection failed", exc_info=True)
+
+
+@contextmanager
+def producer_for(app: Celery) -> Iterator[Producer]:
+    """Yield this thread's producer; drop its connection if anything fails inside."""
+    if _local.pid != os.getpid() or _local.broker_url != app.conf.broker_url:
+        # A forked child must not share its parent's socket; a new broker URL needs a new one.
+        _local.connection = None
+        _local.producer = None
+        _local.pid = os.getpid()
+        _local.broker_url = app.conf.broker_url
+    if _local.producer is None:
+        connection = _bounded_connection(app)
+        _local.connection = connection
+        _local.producer = app.amqp.Producer(connection, auto_declare=False)
+    try:
+        yield _local.producer
+    except BaseException:
+        _reset_local()
+        raise
+
+
+def close_publisher() -> None:
+    """Close this thread's publisher connection (tests, process shutdown)."""
+    _reset_local()
+
+
+def _send_one(app: Celery, producer: Producer, record: TaskRecord) -> None:
+    options: dict[str, Any] = from_stored(record.options) if record.options else {}
+    task_type = app.tasks.get(record.task_name)
+    message_arguments = {key: options.pop(key) for key in _MESSAGE_ARGUMENTS if key in options}
+    # Celery's request.retries counts the runs before this one, whoever re-published it.
+    message_arguments["retries"] = record.attempts
+    if task_type is not None:
+        for key, value in task_type._get_exec_options().items():
+            if value is not None:
+                options.setdefault(key, value)
+        options.pop("expires", None)
+        message_arguments.setdefault("time_limit", options.pop("time_limit", None))
+        message_arguments.setdefault("soft_time_limit", options.pop("soft_time_limit", None))
+    options = app.amqp.router.route(
+        options, record.task_name, record.args, record.kwargs, task_type)
+    link = message_arguments.pop("link", None)
+    link_error = message_arguments.pop("link_error", None)
+    message = app.amqp.create_task_message(
+        str(record.id), record.task_name,
+        from_stored(record.args), from_stored(record.kwargs),
+        eta=record.eta, expires=record.expires_at,
+        callbacks=_as_list(link), errbacks=_as_list(link_error),
+        reply_to=app.thread_oid,
+        create_sent_event=app.conf.task_send_sent_event,
+        root_id=str(record.root_id) if record.root_id else None,
+        parent_id=str(record.parent_id) if record.parent_id else None,
+        **message_arguments,
+        **options,
+    )
+    app.amqp.send_task_message(producer, record.task_name, message, retry=False, **options)
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    if value is None:
+        return None
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def send_records(app: Celery, records: Sequence[TaskRecord]) -> None:
+    """Publish ``records`` in one pipelined batch; raise if the batch did not go out.
+
+    When this raises, delivery of the batch is uncertain: some messages may have reached Redis.
+    Callers leave such rows PENDING; the worker's claim makes a second delivery harmless.
+    """
+    with producer_for(app) as producer, producer.batch(max_size=max(len(records), 1)):
+        for record in records:
+            _send_one(app, producer, record)

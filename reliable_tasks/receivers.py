@@ -1,0 +1,129 @@
+"""Celery signal receivers, connected once from ``AppConfig.ready()``.
+
+They translate Celery's signals into calls of the ledger services: plain Celery tasks are
+adopted, revocations are recorded for every task, and worker processes keep their database
+connection between tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import signals
+from django.db import connections
+
+from reliable_tasks import adoption, ledger
+from reliable_tasks.states import TaskState
+
+logger = logging.getLogger(__name__)
+
+
+def _is_reliable(task: Any) -> bool:
+    from reliable_tasks.execution import ReliableTask
+
+    return isinstance(task, ReliableTask)
+
+
+def _registered_reliable(task_name: str) -> bool:
+    from reliable_tasks.celery_app import get_celery_app
+
+    return _is_reliable(get_celery_app().tasks.get(task_name))
+
+
+def on_after_task_publish(sender: str | None = None, headers: dict[str, Any] | None = None,
+                          body: Any = None, routing_key: str = "", **_: Any) -> None:
+    """Adopt a task published with plain Celery."""
+    headers = headers or {}
+    task_name = sender or headers.get("task") or ""
+    if not task_name or _registered_reliable(task_name):
+        return
+    args, kwargs = (body[0], body[1]) if isinstance(body, list | tuple) and len(body) >= 2 else (
+        (), {})
+    adoption.adopt_published(headers.get("id"), task_name, args, kwargs, routing_key or "")
+
+
+def on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
+                   **_: Any) -> None:
+    """Adopt a plain task starting on this worker."""
+    task = task or sender
+    if task is None or _is_reliable(task) or task.request.called_directly:
+        return
+    adoption.adopt_started(task_id, task.name, task.request.hostname or "")
+
+
+def on_task_success(sender: Any = None, **_: Any) -> None:
+    """Record a plain task's success."""
+    if sender is None or _is_reliable(sender) or sender.request.called_directly:
+        return
+    adoption.adopt_finished(sender.request.id, sender.name, TaskState.SUCCESS)
+
+
+def on_task_failure(sender: Any = None, task_id: str | None = None,
+                    exception: BaseException | None = None, einfo: Any = None,
+                    **_: Any) -> None:
+    """Record a plain task's failure."""
+    if sender is None or _is_reliable(sender) or sender.request.called_directly:
+        return
+    adoption.adopt_finished(task_id, sender.name, TaskState.FAILURE, exception,
+                            getattr(einfo, "traceback", "") or "")
+
+
+def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None,
+                  **_: Any) -> None:
+    """Record that a plain task will be retried."""
+    if sender is None or _is_reliable(sender) or request is None:
+        return
+    error = reason if isinstance(reason, BaseException) else None
+    adoption.adopt_finished(request.id, sender.name, TaskState.RETRY, error)
+
+
+def on_task_revoked(sender: Any = None, request: Any = None, expired: bool = False,
+                    **_: Any) -> None:
+    """Record a revoked or expired task (any task class)."""
+    task_id = getattr(request, "id", None)
+    if not task_id:
+        return
+    try:
+        ledger.record_revoked(task_id, expired=bool(expired))
+    except Exception:  # noqa: BLE001 - a signal receiver must not break the worker
+        logger.warning("recording the revocation of %s failed", task_id, exc_info=True)
+
+
+def on_celeryd_init(conf: Any = None, **_: Any) -> None:
+    """Keep database connections between tasks unless the project chose otherwise.
+
+    Celery's Django fixup closes every connection before and after each task unless
+    ``CELERY_DB_REUSE_MAX`` is set, ignoring ``CONN_MAX_AGE``: a new connection per task.
+    Broken or expired connections are still closed after each task (``on_task_postrun``).
+    """
+    if conf is not None and conf.get("CELERY_DB_REUSE_MAX") is None:
+        conf["CELERY_DB_REUSE_MAX"] = 2**31
+
+
+def on_task_postrun(**_: Any) -> None:
+    """Close connections that broke during the task, or outlived a set ``CONN_MAX_AGE``."""
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is None:
+            continue
+        expired = connection.close_at is not None and connection.settings_dict.get(
+            "CONN_MAX_AGE") and connection.close_at <= time.monotonic()
+        if expired or (connection.errors_occurred and not connection.is_usable()):
+            connection.close()
+
+
+def connect() -> None:
+    """Connect every receiver once (``dispatch_uid`` makes this idempotent)."""
+    pairs = [
+        (signals.after_task_publish, on_after_task_publish),
+        (signals.task_prerun, on_task_prerun),
+        (signals.task_success, on_task_success),
+        (signals.task_failure, on_task_failure),
+        (signals.task_retry, on_task_retry),
+        (signals.task_revoked, on_task_revoked),
+        (signals.celeryd_init, on_celeryd_init),
+        (signals.task_postrun, on_task_postrun),
+    ]
+    for signal, receiver in pairs:
+        signal.connect(receiver, weak=False, dispatch_uid=f"reliable_tasks.{receiver.__name__}")
