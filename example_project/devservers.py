@@ -215,16 +215,23 @@ class _Child:
                 os.killpg(self.pid, signal.SIGKILL)
 
     def terminate(self, timeout: float) -> None:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the group, and reap."""
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL the group, reap, and wait it out."""
         self.signal(signal.SIGTERM)
         if not self.wait_exited(timeout):
             self.signal(signal.SIGKILL)
         self.kill_group()
         self.reap()
+        # Orphans killed above are reaped by init, shortly. Signal 0 only probes, so it is safe
+        # now that the group id could in theory be reused.
+        deadline = time.monotonic() + 5
+        with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(self.pid, 0)
+                time.sleep(_POLL_INTERVAL)
 
-    def reap(self) -> int:
-        """Wait for the process to exit, collect it and return its exit status."""
-        return self.popen.wait()
+    def reap(self) -> None:
+        """Wait for the process to exit and collect it (its PID is free for reuse after this)."""
+        self.popen.wait()
 
 
 # --- Redis ----------------------------------------------------------------------------------------
@@ -245,7 +252,7 @@ class RedisServer:
         startup_timeout: float = 10.0,
     ) -> None:
         """Prepare a server; ``data_dir`` defaults to a temporary directory removed by stop()."""
-        self.binary = binary or find_redis_server()
+        self.binary = str(Path(binary).resolve()) if binary else find_redis_server()
         self.startup_timeout = startup_timeout
         self._given_dir = Path(data_dir) if data_dir is not None else None
         self._dir: Path | None = None
@@ -621,7 +628,8 @@ class CeleryProcess(ManagedProcess):
         """Prepare a worker or a beat; ``concurrency`` only applies to a worker."""
         self.kind = kind
         name = f"{kind}-{uuid.uuid4().hex[:8]}"
-        self.hostname = f"{name}@%h"
+        #: The worker's ``--hostname`` (Celery expands ``%h``); None for beat.
+        self.hostname = f"{name}@%h" if kind == "worker" else None
         argv = [sys.executable, "-m", "celery", "-A", app, kind, "--loglevel=INFO"]
         if kind == "worker":
             argv += ["--pool=prefork", f"--concurrency={concurrency}"]

@@ -88,6 +88,9 @@ STATIC_URL = "static/"
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
+# Benchmarks switch adoption of plain Celery tasks off to measure plain Celery alone.
+RELIABLE_TASKS_ADOPT = os.environ.get("RELIABLE_TASKS_ADOPT", "1") == "1"
+
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True

@@ -58,6 +58,8 @@ SPECS: dict[str, SettingSpec] = {
         "database and published by the sweeper when due.", minimum=0),
     "HISTORY_LIMIT": SettingSpec(
         20, (int,), "Attempts kept in a row's history.", minimum=1),
+    "ADOPT": SettingSpec(
+        True, (bool,), "Record tasks sent with plain Celery (no ReliableTask) from signals."),
 }
 
 
@@ -127,6 +129,10 @@ class ReliableTasksSettings:
     @property
     def HISTORY_LIMIT(self) -> int:
         return int(self._get("HISTORY_LIMIT"))
+
+    @property
+    def ADOPT(self) -> bool:
+        return bool(self._get("ADOPT"))
 
 
 app_settings = ReliableTasksSettings()

@@ -298,3 +298,26 @@ def _run_eagerly(app: Celery, records: Sequence[TaskRecord]) -> int:
             args=from_stored(record.args), kwargs=from_stored(record.kwargs),
             task_id=str(record.id))
     return len(records)
+
+
+def publish_due(now: datetime | None = None, batch_size: int | None = None) -> int:
+    """Publish the rows whose publish is due (PENDING past the grace, RETRY past their delay).
+
+    Works in batches of ``SWEEP_BATCH_SIZE``, one pipelined publish and one UPDATE each, and
+    returns how many rows were published. Rows whose publish fails stay due.
+    """
+    now = now or timezone.now()
+    batch_size = batch_size or app_settings.SWEEP_BATCH_SIZE
+    published = 0
+    seen: set[Any] = set()
+    while True:
+        batch = [record for record in TaskRecord.objects.due_for_publish(now)
+                 .exclude(adopted=True).order_by("next_attempt_at")[:batch_size]
+                 if record.pk not in seen]
+        if not batch:
+            return published
+        seen.update(record.pk for record in batch)
+        count = publish_records(batch)
+        published += count
+        if count < len(batch):
+            return published

@@ -15,15 +15,17 @@ from celery import signals
 from django.db import connections
 
 from reliable_tasks import adoption, ledger
+from reliable_tasks.conf import app_settings
 from reliable_tasks.states import TaskState
 
 logger = logging.getLogger(__name__)
 
 
 def _is_reliable(task: Any) -> bool:
+    """Whether the task records itself (or adoption is off, so nobody records it here)."""
     from reliable_tasks.execution import ReliableTask
 
-    return isinstance(task, ReliableTask)
+    return isinstance(task, ReliableTask) or not app_settings.ADOPT
 
 
 def _registered_reliable(task_name: str) -> bool:

@@ -8,6 +8,7 @@ import os
 import time
 
 from celery import shared_task
+from django.db import connection
 
 from example_project.demo.models import Execution
 from reliable_tasks import ReliableTask
@@ -52,8 +53,35 @@ def record(self: ReliableTask, token: str, sleep: float = 0.0) -> str:
     return token
 
 
+@shared_task(bind=True, base=ReliableTask, name="demo.db_session")
+def db_session(self: ReliableTask, token: str) -> int:
+    """Log the database server's id of this worker's connection (PostgreSQL and MySQL)."""
+    query = "SELECT pg_backend_pid()" if connection.vendor == "postgresql" else (
+        "SELECT CONNECTION_ID()")
+    with connection.cursor() as cursor:
+        cursor.execute(query)
+        session_id = int(cursor.fetchone()[0])
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=session_id)
+    return session_id
+
+
 @shared_task(bind=True, name="demo.plain_record")
 def plain_record(self, token: str) -> str:  # noqa: ANN001 - plain Celery task, no ReliableTask
     """The same as ``record`` but a plain Celery task: adopted into the ledger from signals."""
     Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
     return token
+
+
+@shared_task(base=ReliableTask, name="demo.noop", ignore_result=True)
+def noop() -> None:
+    """Do nothing, through the ledger (benchmarks)."""
+
+
+@shared_task(name="demo.plain_noop", ignore_result=True)
+def plain_noop() -> None:
+    """Do nothing, as a plain Celery task without a result (benchmarks' baseline)."""
+
+
+@shared_task(name="demo.plain_noop_result")
+def plain_noop_result() -> None:
+    """Do nothing, as a plain Celery task whose result django-celery-results stores."""

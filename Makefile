@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# MySQL/MariaDB needs the mysqlclient driver (built against libmariadb); only when asked for.
+EXTRAS := dev$(if $(filter mysql%,$(DATABASE_URL)),$(comma)mysql,)
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install demo test faults lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m example_project.run_demo
+
+test: install
+	$(PY) -m pytest -W error $(PYTEST_ARGS)
+
+faults: install
+	$(PY) -m pytest -W error -m faults $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check reliable_tasks tests example_project benchmarks
+
+bench: install
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

@@ -1,0 +1,235 @@
+"""Fixtures of the whole suite: real Redis servers and real Celery processes.
+
+Redis. Every server is a throwaway ``redis-server`` on 127.0.0.1 started by the suite; the
+machine's own Redis is never used.
+
+- ``redis_server`` (function scope): a private server the test may kill, pause or restart.
+- ``redis_session_server`` (session scope): one server shared by the session. Never break it.
+- ``shared_redis`` (function scope): ``redis_session_server``, flushed before the test.
+
+``redis_server`` and ``shared_redis`` point the example project's Celery app (``broker_url``,
+``redbeat_redis_url``, its connection pools) and the Django settings (``REDIS_URL``,
+``CELERY_BROKER_URL``, ``CELERY_REDBEAT_REDIS_URL``) at their server for the test; use one of the
+two per test. Outside them, the app and the settings point at a loopback port that refuses
+connections, so a test that forgets to ask for Redis fails fast instead of reaching a real server.
+
+Celery processes. Workers and beat are other processes: their tests need committed data, so they
+are marked ``@pytest.mark.django_db(transaction=True)``.
+
+- ``worker_env(server, **extra)``: the environment of a subprocess that uses ``server`` and the
+  test database.
+- ``celery_worker(server, concurrency=2, extra_args=(), env=None)``: a started worker.
+- ``celery_beat(server, extra_args=(), env=None)``: a started beat.
+
+The processes a test starts are stopped at its teardown, and their logs are attached to the report
+when it fails. Whatever is still running at the end of the session is stopped then (and, failing
+that, at exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Generator, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from django.db import connection
+from django.test import override_settings
+from kombu import pools
+
+from example_project.celery import app as celery_app
+from example_project.devservers import (
+    LOOPBACK,
+    REPO_ROOT,
+    CeleryProcess,
+    RedisServer,
+    database_url_for,
+    stop_all,
+)
+
+WorkerEnv = Callable[..., dict[str, str]]
+ProcessFactory = Callable[..., CeleryProcess]
+
+_APP_URL_KEYS = ("broker_url", "redbeat_redis_url")
+_SETTINGS_URL_NAMES = ("REDIS_URL", "CELERY_BROKER_URL", "CELERY_REDBEAT_REDIS_URL")
+_STARTED = pytest.StashKey[list[CeleryProcess]]()
+_LOG_TAIL_CHARS = 20_000
+
+
+# --- pointing the Celery app at a server ----------------------------------------------------------
+
+
+def _drop_app_connections() -> None:
+    """Close the app's broker and RedBeat connections, so the next use reads the current URLs."""
+    pools.reset()  # closes and forgets every kombu connection and producer pool
+    celery_app._pool = None
+    amqp = celery_app.__dict__.get("amqp")  # a cached property: only reset it if it exists
+    if amqp is not None:
+        amqp._producer_pool = None
+    redbeat_client = celery_app.__dict__.pop("redbeat_redis", None)
+    if redbeat_client is not None:
+        redbeat_client.close()
+    celery_app.__dict__.pop("redbeat_conf", None)  # RedBeat caches its URL in there
+
+
+@contextlib.contextmanager
+def _celery_app_using(url: str) -> Iterator[None]:
+    """Point the example project's Celery app (broker and RedBeat) at ``url`` for the block."""
+    saved = {key: celery_app.conf.get(key) for key in _APP_URL_KEYS}
+    _drop_app_connections()
+    celery_app.conf.update(dict.fromkeys(_APP_URL_KEYS, url))
+    try:
+        yield
+    finally:
+        _drop_app_connections()
+        celery_app.conf.update(saved)
+
+
+@contextlib.contextmanager
+def _pointed_at(url: str) -> Iterator[None]:
+    """Point the Django settings and the Celery app at the Redis at ``url`` for the block."""
+    with override_settings(**dict.fromkeys(_SETTINGS_URL_NAMES, url)), _celery_app_using(url):
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_refused_by_default() -> Iterator[None]:
+    """Point the app and settings at a loopback port bound but never listening on, all session."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        with _pointed_at(f"redis://{LOOPBACK}:{sock.getsockname()[1]}/0"):
+            yield
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started Redis server of this test alone, which it may kill, pause or restart."""
+    with RedisServer(data_dir=tmp_path / "redis") as server, _pointed_at(server.url):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis server for the whole session (not pointed at: see ``shared_redis``)."""
+    with RedisServer(data_dir=tmp_path_factory.mktemp("redis-session")) as server:
+        yield server
+
+
+@pytest.fixture
+def shared_redis(redis_session_server: RedisServer) -> Iterator[RedisServer]:
+    """The session's Redis server, flushed, with the app and settings pointed at it."""
+    redis_session_server.flush()
+    with _pointed_at(redis_session_server.url):
+        yield redis_session_server
+
+
+# --- Celery processes -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker_env(django_db_setup: None) -> WorkerEnv:
+    """Return ``make(server, **extra)``: the environment of a worker or beat subprocess.
+
+    It uses ``server`` and opens the test database (set up by pytest-django by then); ``extra``
+    variables are added last.
+    """
+
+    def make(server: RedisServer, **extra: str) -> dict[str, str]:
+        return {
+            "REDIS_URL": server.url,
+            "DATABASE_URL": database_url_for(connection.settings_dict),
+            # pytest-django exports it; settings.SETTINGS_MODULE is None under override_settings
+            "DJANGO_SETTINGS_MODULE": os.environ["DJANGO_SETTINGS_MODULE"],
+            "PYTHONPATH": str(REPO_ROOT),
+            **extra,
+        }
+
+    return make
+
+
+@pytest.fixture
+def _launch_celery(
+    request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path: Path
+) -> Iterator[Callable[..., CeleryProcess]]:
+    """Return ``launch(kind, server, extra_args, env, **options)``; stop all at teardown."""
+    started = request.node.stash.setdefault(_STARTED, [])
+
+    def launch(
+        kind: Literal["worker", "beat"],
+        server: RedisServer,
+        extra_args: Sequence[str],
+        env: dict[str, str] | None,
+        **options: int,
+    ) -> CeleryProcess:
+        process = CeleryProcess(
+            kind,
+            worker_env(server, **(env or {})),
+            extra_args=extra_args,
+            log_dir=tmp_path / "celery",
+            **options,
+        )
+        started.append(process)
+        return process.start()
+
+    yield launch
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def celery_worker(_launch_celery: Callable[..., CeleryProcess]) -> ProcessFactory:
+    """Return ``start(server, concurrency=2, extra_args=(), env=None)``: a started worker.
+
+    ``env`` adds variables to ``worker_env(server)``. Workers are stopped at teardown.
+    """
+
+    def start(
+        server: RedisServer,
+        concurrency: int = 2,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> CeleryProcess:
+        return _launch_celery("worker", server, extra_args, env, concurrency=concurrency)
+
+    return start
+
+
+@pytest.fixture
+def celery_beat(_launch_celery: Callable[..., CeleryProcess]) -> ProcessFactory:
+    """Return ``start(server, extra_args=(), env=None)``: a started beat, stopped at teardown."""
+
+    def start(
+        server: RedisServer, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> CeleryProcess:
+        return _launch_celery("beat", server, extra_args, env)
+
+    return start
+
+
+# --- reporting and the safety net -----------------------------------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Attach the logs of the Celery processes a test started to the report of its failure."""
+    report = yield
+    if report.failed:
+        for process in item.stash.get(_STARTED, []):
+            log = process.log_text()
+            if len(log) > _LOG_TAIL_CHARS:
+                log = "[...]\n" + log[-_LOG_TAIL_CHARS:]
+            report.sections.append((f"log of {process.name} ({report.when})", log))
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop every server and process still running, whatever fixture forgot it."""
+    stop_all()

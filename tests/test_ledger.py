@@ -1,0 +1,129 @@
+"""State transitions of the ledger: compare-and-set claims and monotonic outcome writes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from reliable_tasks import adoption, ledger
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.states import TaskState
+
+pytestmark = pytest.mark.django_db
+
+
+def make_row(state: str = TaskState.QUEUED, **fields) -> TaskRecord:
+    return TaskRecord.objects.create(task_name="demo.add", state=state, **fields)
+
+
+def claim(row: TaskRecord, worker: str = "w1", rerun_after_lost: bool = False) -> ledger.Claim:
+    return ledger.claim(str(row.id), task_name=row.task_name, worker=worker,
+                        rerun_after_lost=rerun_after_lost)
+
+
+def test_only_one_of_two_claims_on_the_same_row_wins():
+    row = make_row()
+
+    first, second = claim(row, "w1"), claim(row, "w2")
+
+    assert (first.won, second.won) == (True, False)
+    row.refresh_from_db()
+    assert (row.state, row.attempts, row.worker) == (TaskState.STARTED, 1, "w1")
+    assert second.reason == "running under a live lease"
+
+
+@pytest.mark.parametrize("state", [TaskState.SUCCESS, TaskState.FAILURE, TaskState.LOST,
+                                   TaskState.REVOKED, TaskState.EXPIRED])
+def test_a_finished_task_cannot_be_claimed(state):
+    row = make_row(state)
+
+    result = claim(row)
+
+    assert not result.won
+    assert result.reason == f"already {state}"
+    row.refresh_from_db()
+    assert row.state == state
+
+
+def test_a_late_started_event_never_regresses_a_success():
+    row = make_row()
+    won = claim(row)
+    assert ledger.record_success(str(row.id), won, "w1")
+
+    late = claim(row, "w2")
+    adoption.adopt_started(row.id, row.task_name, "w3")
+
+    assert not late.won
+    row.refresh_from_db()
+    assert (row.state, row.attempts) == (TaskState.SUCCESS, 1)
+
+
+def test_an_outcome_of_a_stale_attempt_is_ignored():
+    row = make_row(lease_expires_at=None)
+    stale = claim(row, "w1")
+    TaskRecord.objects.filter(pk=row.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1))
+    fresh = claim(row, "w2", rerun_after_lost=True)
+    assert fresh.won and fresh.attempt == 2
+
+    assert not ledger.record_failure(str(row.id), stale, "w1", ValueError("late"))
+    assert ledger.record_success(str(row.id), fresh, "w2")
+    row.refresh_from_db()
+    assert (row.state, row.worker, row.error_type) == (TaskState.SUCCESS, "w2", "")
+
+
+def test_an_expired_lease_is_not_rerun_unless_the_task_allows_it():
+    row = make_row()
+    claim(row, "w1")
+    TaskRecord.objects.filter(pk=row.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1))
+
+    assert not claim(row, "w2", rerun_after_lost=False).won
+    assert claim(row, "w2", rerun_after_lost=True).won
+
+
+def test_a_delivery_after_expiry_is_recorded_expired_and_not_run():
+    row = make_row(expires_at=timezone.now() - timedelta(seconds=1))
+
+    result = claim(row)
+
+    assert not result.won and result.reason.startswith("expired")
+    row.refresh_from_db()
+    assert row.state == TaskState.EXPIRED
+
+
+def test_a_delivery_without_a_row_is_recorded_as_started():
+    task_id = str(uuid.uuid4())
+
+    result = ledger.claim(task_id, task_name="demo.add", worker="w1", rerun_after_lost=False)
+
+    assert result.won
+    row = TaskRecord.objects.get(pk=task_id)
+    assert (row.state, row.adopted, row.attempts) == (TaskState.STARTED, True, 1)
+
+
+def test_revoking_never_overwrites_a_finished_task():
+    done = make_row(TaskState.SUCCESS)
+    queued = make_row(TaskState.QUEUED)
+
+    assert not ledger.record_revoked(str(done.id), expired=False)
+    assert ledger.record_revoked(str(queued.id), expired=False)
+    done.refresh_from_db()
+    queued.refresh_from_db()
+    assert (done.state, queued.state) == (TaskState.SUCCESS, TaskState.REVOKED)
+
+
+def test_the_attempt_history_is_bounded(settings):
+    settings.RELIABLE_TASKS_HISTORY_LIMIT = 3
+    row = make_row()
+    for attempt in range(5):
+        won = claim(row, f"w{attempt}")
+        due = timezone.now()
+        assert ledger.record_retry(str(row.id), won, f"w{attempt}", ValueError(attempt), due)
+
+    row.refresh_from_db()
+    assert [entry["worker"] for entry in row.history] == ["w2", "w3", "w4"]
+    assert row.attempts == 5

@@ -1,0 +1,219 @@
+"""The transactional outbox against a real Redis: record in the transaction, publish on commit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from example_project.demo.tasks import add, record
+from reliable_tasks import dispatch, dispatch_many
+from reliable_tasks.exceptions import PayloadError, UnknownTaskError
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.outbox import publish_due
+from reliable_tasks.states import TaskState
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def queue_length(redis_server) -> int:
+    return redis_server.client().llen("celery")
+
+
+def test_rolled_back_transaction_records_and_publishes_nothing(redis_server):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        dispatch(add, (1, 2))
+        dispatch(add, (3, 4))
+        raise RuntimeError("roll back")
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+def test_rolled_back_savepoint_publishes_only_the_committed_tasks(redis_server):
+    with transaction.atomic():
+        kept = dispatch(add, (1, 2))
+        with pytest.raises(RuntimeError), transaction.atomic():
+            dispatch(add, (3, 4))
+            raise RuntimeError("roll back the savepoint only")
+        assert queue_length(redis_server) == 0, "nothing is published before commit"
+
+    assert list(TaskRecord.objects.values_list("id", flat=True)) == [kept.id]
+    assert queue_length(redis_server) == 1
+    assert TaskRecord.objects.get().state == TaskState.QUEUED
+
+
+def test_commit_publishes_every_task_of_the_transaction_once(redis_server):
+    with transaction.atomic():
+        records = [dispatch(add, (i, i)) for i in range(25)]
+
+    assert queue_length(redis_server) == 25
+    states = set(TaskRecord.objects.filter(id__in=[r.id for r in records])
+                 .values_list("state", flat=True))
+    assert states == {TaskState.QUEUED}
+    assert set(TaskRecord.objects.values_list("publish_attempts", flat=True)) == {1}
+
+
+def test_dispatch_many_records_and_publishes_in_one_batch(redis_server):
+    records = dispatch_many([add.s(i, 1) for i in range(100)] + [("demo.add", (1, 2))])
+
+    assert len(records) == 101
+    assert TaskRecord.objects.filter(state=TaskState.QUEUED).count() == 101
+    assert queue_length(redis_server) == 101
+
+
+def test_delay_goes_through_the_outbox(redis_server):
+    result = add.delay(2, 3)
+
+    row = TaskRecord.objects.get(pk=result.id)
+    assert (row.task_name, row.args, row.state, row.adopted) == (
+        "demo.add", [2, 3], TaskState.QUEUED, False)
+
+
+def test_delay_on_commit_records_in_the_callers_transaction(redis_server):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        add.delay_on_commit(1, 1)
+        assert TaskRecord.objects.count() == 1
+        raise RuntimeError("roll back")
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+def test_dispatch_with_redis_stopped_returns_within_the_bound_and_stays_pending(
+        redis_server, settings):
+    settings.RELIABLE_TASKS_PUBLISH_TIMEOUT = 1.0
+    redis_server.stop()
+
+    started = time.monotonic()
+    row = dispatch(add, (1, 2))
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 1.0 + 1.0
+    row.refresh_from_db()
+    assert row.state == TaskState.PENDING
+    assert row.publish_attempts == 1
+    assert row.publish_error
+
+
+def test_dispatch_with_redis_hung_returns_within_the_bound(redis_server, settings):
+    settings.RELIABLE_TASKS_PUBLISH_TIMEOUT = 1.0
+    dispatch(add, (0, 0))  # warm the publisher connection, so the hang hits a live socket
+    pause = redis_server.pause(4)
+    try:
+        started = time.monotonic()
+        row = dispatch(add, (1, 2))
+        elapsed = time.monotonic() - started
+    finally:
+        pause.wait()
+
+    assert elapsed < 1.0 + 1.0
+    row.refresh_from_db()
+    assert row.state == TaskState.PENDING
+
+
+def test_pending_rows_are_published_once_redis_is_back(redis_server, settings):
+    settings.RELIABLE_TASKS_PUBLISH_TIMEOUT = 0.5
+    settings.RELIABLE_TASKS_PUBLISH_GRACE = 0
+    redis_server.stop()
+    rows = [dispatch(add, (i, i)) for i in range(5)]
+    assert TaskRecord.objects.filter(state=TaskState.PENDING).count() == 5
+
+    redis_server.start()
+    published = publish_due()
+
+    assert published == 5
+    assert queue_length(redis_server) == 5
+    assert set(TaskRecord.objects.filter(id__in=[r.id for r in rows])
+               .values_list("state", flat=True)) == {TaskState.QUEUED}
+    assert publish_due() == 0, "published rows are not published again"
+
+
+def test_rows_within_the_publish_grace_are_left_to_their_own_publish(redis_server, settings):
+    settings.RELIABLE_TASKS_PUBLISH_TIMEOUT = 0.5
+    settings.RELIABLE_TASKS_PUBLISH_GRACE = 60
+    redis_server.stop()
+    dispatch(add, (1, 1))
+    redis_server.start()
+
+    assert publish_due() == 0
+    assert queue_length(redis_server) == 0
+
+
+def test_unknown_task_name_is_refused_and_nothing_recorded(redis_server):
+    with pytest.raises(UnknownTaskError, match="nope.missing"):
+        dispatch("nope.missing", (1,))
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((object(),), None, "args of demo.add must be JSON-serializable"),
+    ((), {"x": {1, 2}}, "kwargs of demo.add must be JSON-serializable"),
+    ("12", None, "args of demo.add must be a list or tuple"),
+    ((), ["x"], "kwargs of demo.add must be a mapping"),
+])
+def test_arguments_that_are_not_json_are_refused(redis_server, args, kwargs, message):
+    with pytest.raises(PayloadError, match=message):
+        dispatch(add, args, kwargs)
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+def test_arguments_larger_than_the_limit_are_refused(redis_server, settings):
+    settings.RELIABLE_TASKS_MAX_PAYLOAD_BYTES = 1000
+
+    with pytest.raises(PayloadError, match="more than RELIABLE_TASKS_MAX_PAYLOAD_BYTES"):
+        dispatch(record, ("x" * 2000,))
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+def test_dispatch_many_refuses_the_whole_batch_when_one_call_is_invalid(redis_server):
+    with pytest.raises(UnknownTaskError):
+        dispatch_many([add.s(1, 1), ("nope.missing", ())])
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+def test_a_database_error_in_the_callers_transaction_propagates(redis_server):
+    first = dispatch(add, (1, 1))
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        dispatch(add, (2, 2), task_id=str(first.id))
+
+    assert TaskRecord.objects.count() == 1
+    assert queue_length(redis_server) == 1
+
+
+def test_datetimes_and_decimals_round_trip_through_the_ledger(redis_server):
+    import datetime
+    import decimal
+    import uuid
+
+    from reliable_tasks.payload import from_stored
+
+    value = [datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+             decimal.Decimal("1.10"), uuid.UUID(int=7)]
+    row = dispatch(record, (value,))
+    row.refresh_from_db()
+
+    assert from_stored(row.args) == [value]
+
+
+def test_long_countdowns_are_held_in_the_database_not_in_redis(redis_server, settings):
+    settings.RELIABLE_TASKS_DELAY_THRESHOLD = 60
+
+    held = dispatch(add, (1, 1), countdown=7200)
+    soon = dispatch(add, (2, 2), countdown=5)
+
+    held.refresh_from_db()
+    soon.refresh_from_db()
+    assert held.state == TaskState.PENDING and held.next_attempt_at == held.eta
+    assert soon.state == TaskState.QUEUED
+    assert queue_length(redis_server) == 1, "only the short countdown went to Redis"
