@@ -107,6 +107,5 @@ CELERY_BEAT_MAX_LOOP_INTERVAL = 5
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"reliable_tasks": {"handlers": ["console"], "level": "INFO"}},
+    "loggers": {"reliable_tasks": {"level": "INFO"}},
 }

@@ -18,7 +18,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
         if not hasattr(settings, full_name):
             continue
         value = getattr(settings, full_name)
-        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+        wrong_bool = isinstance(value, bool) and bool not in spec.types
+        if wrong_bool or not isinstance(value, spec.types):
             expected = " or ".join(t.__name__ for t in spec.types)
             messages.append(checks.Error(
                 f"{full_name} must be {expected}, not {type(value).__name__}.",

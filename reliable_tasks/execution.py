@@ -111,7 +111,7 @@ class ReliableTask(DjangoTask):
         except (Retry, Ignore, Reject):
             raise
         except self._retry_for_classes() as exc:
-            if claimed is not None and claimed.attempt >= self._max_attempts():
+            if claimed is not None and claimed.attempt >= self._max_attempts(claimed):
                 raise
             delay = backoff_seconds(
                 claimed.attempt if claimed else request.retries + 1,
@@ -124,11 +124,11 @@ class ReliableTask(DjangoTask):
               max_retries: int | None = None, **options: Any) -> Retry:
         """Celery's ``retry()``, limited by ``max_attempts`` and recorded in the ledger."""
         claimed = getattr(self.request, "reliable_claim", None)
-        if claimed is not None and claimed.attempt >= self._max_attempts():
+        if claimed is not None and claimed.attempt >= self._max_attempts(claimed):
             if exc is not None:
                 raise exc
             raise self.MaxRetriesExceededError(
-                f"{self.name}[{self.request.id}] used its {self._max_attempts()} attempts")
+                f"{self.name}[{self.request.id}] used its {claimed.attempt} attempts")
         self.request.reliable_retry = exc if exc is not None else Retry()
         return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
                              countdown=countdown, max_retries=max_retries, **options)
@@ -150,8 +150,9 @@ class ReliableTask(DjangoTask):
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _max_attempts(self) -> int:
-        return int(self.max_attempts)
+    def _max_attempts(self, claimed: ledger.Claim) -> int:
+        """The row's own limit if it has one, else the task's."""
+        return int(claimed.max_attempts or self.max_attempts)
 
     def _retry_for_classes(self) -> tuple[type[BaseException], ...]:
         return tuple(self.retry_for or ())

@@ -38,6 +38,8 @@ class Claim:
     reason: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     started_at: datetime | None = None
+    #: The row's own attempt limit (set by ``dispatch(max_attempts=...)`` or a manual retry).
+    max_attempts: int | None = None
 
 
 def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) -> Claim:
@@ -50,7 +52,8 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) 
     """
     now = timezone.now()
     row = (TaskRecord.objects.filter(id=task_id)
-           .values("state", "attempts", "lease_expires_at", "expires_at", "history").first())
+           .values("state", "attempts", "lease_expires_at", "expires_at", "history",
+                   "max_attempts").first())
     if row is None:
         return _claim_unrecorded(task_id, task_name, worker, now, rerun_after_lost)
     state, attempts = row["state"], row["attempts"]
@@ -63,7 +66,14 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) 
             or (state == TaskState.STARTED and lease_expired and rerun_after_lost)):
         why = "running under a live lease" if state == TaskState.STARTED else f"already {state}"
         return Claim(won=False, reason=why)
-    changed = TaskRecord.objects.filter(id=task_id, state=state, attempts=attempts).update(
+    # The compare-and-set is on the attempt counter: PENDING -> QUEUED (the publisher confirming)
+    # may happen between the read and the write and must not make the claim fail.
+    claimable = TaskRecord.objects.filter(id=task_id, attempts=attempts)
+    if state == TaskState.STARTED:
+        claimable = claimable.filter(state=state, lease_expires_at__lt=now)
+    else:
+        claimable = claimable.filter(state__in=list(CLAIMABLE_STATES))
+    changed = claimable.update(
         state=TaskState.STARTED, attempts=attempts + 1, worker=worker, started_at=now,
         lease_expires_at=now + timedelta(seconds=app_settings.LEASE_TIMEOUT),
         next_attempt_at=None,
@@ -71,7 +81,7 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) 
     if changed != 1:
         return Claim(won=False, reason="claimed by another delivery")
     return Claim(won=True, attempt=attempts + 1, history=list(row["history"] or []),
-                 started_at=now)
+                 started_at=now, max_attempts=row["max_attempts"])
 
 
 def count_duplicate_delivery(task_id: str) -> None:

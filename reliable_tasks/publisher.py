@@ -114,7 +114,7 @@ def _send_one(app: Celery, producer: Producer, record: TaskRecord) -> None:
         from_stored(record.args), from_stored(record.kwargs),
         eta=record.eta, expires=record.expires_at,
         callbacks=_as_list(link), errbacks=_as_list(link_error),
-        reply_to=app.thread_oid,
+        reply_to=options.pop("reply_to", None) or app.thread_oid,
         create_sent_event=app.conf.task_send_sent_event,
         root_id=str(record.root_id) if record.root_id else None,
         parent_id=str(record.parent_id) if record.parent_id else None,

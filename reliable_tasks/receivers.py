@@ -93,15 +93,20 @@ def on_task_revoked(sender: Any = None, request: Any = None, expired: bool = Fal
         logger.warning("recording the revocation of %s failed", task_id, exc_info=True)
 
 
-def on_celeryd_init(conf: Any = None, **_: Any) -> None:
+def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Keep database connections between tasks unless the project chose otherwise.
 
     Celery's Django fixup closes every connection before and after each task unless
-    ``CELERY_DB_REUSE_MAX`` is set, ignoring ``CONN_MAX_AGE``: a new connection per task.
-    Broken or expired connections are still closed after each task (``on_task_postrun``).
+    ``CELERY_DB_REUSE_MAX`` is set, ignoring ``CONN_MAX_AGE``: a new connection per task. It
+    reads that setting before Django (and so this app) is set up, so this receiver gives the
+    fixup's worker part the default instead. Broken or expired connections are still closed
+    after each task (``on_task_postrun``).
     """
-    if conf is not None and conf.get("CELERY_DB_REUSE_MAX") is None:
-        conf["CELERY_DB_REUSE_MAX"] = 2**31
+    app = getattr(sender, "app", None)
+    for fixup in getattr(app, "_fixups", None) or ():
+        worker_fixup = getattr(fixup, "worker_fixup", None)
+        if worker_fixup is not None and getattr(worker_fixup, "db_reuse_max", 1) is None:
+            worker_fixup.db_reuse_max = 2**31
 
 
 def on_task_postrun(**_: Any) -> None:
@@ -124,7 +129,7 @@ def connect() -> None:
         (signals.task_failure, on_task_failure),
         (signals.task_retry, on_task_retry),
         (signals.task_revoked, on_task_revoked),
-        (signals.celeryd_init, on_celeryd_init),
+        (signals.worker_init, on_worker_init),
         (signals.task_postrun, on_task_postrun),
     ]
     for signal, receiver in pairs:

@@ -157,7 +157,7 @@ def test_chain_members_are_linked_by_parent_and_root_ids(redis_server, celery_wo
     third = TaskRecord.objects.get(pk=result.id)
     assert (second.parent_id, second.root_id) == (first.id, first.id)
     assert (third.parent_id, third.root_id) == (second.id, first.id)
-    assert third.args == [7]
+    assert third.args == [4, 3]
 
 
 @pytest.mark.skipif(connection.vendor == "sqlite", reason="SQLite has no server sessions")

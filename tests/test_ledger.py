@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from reliable_tasks import adoption, ledger
@@ -127,3 +128,23 @@ def test_the_attempt_history_is_bounded(settings):
     row.refresh_from_db()
     assert [entry["worker"] for entry in row.history] == ["w2", "w3", "w4"]
     assert row.attempts == 5
+
+
+def test_a_claim_wins_even_if_the_publisher_marks_the_row_queued_meanwhile():
+    row = make_row(TaskState.PENDING)
+    interleaved = []
+
+    def publisher_confirms_right_after_the_claims_read(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if sql.lstrip().upper().startswith("SELECT") and not interleaved:
+            interleaved.append(sql)
+            TaskRecord.objects.filter(pk=row.pk).update(state=TaskState.QUEUED)
+        return result
+
+    with connection.execute_wrapper(publisher_confirms_right_after_the_claims_read):
+        result = claim(row)
+
+    assert interleaved, "the publisher's UPDATE ran between the claim's read and write"
+    assert result.won
+    row.refresh_from_db()
+    assert row.state == TaskState.STARTED
