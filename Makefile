@@ -18,7 +18,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(PY) -m example_project.run_demo
+	$(PY) -m example_project.run_demo $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -W error $(PYTEST_ARGS)
