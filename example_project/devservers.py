@@ -592,6 +592,12 @@ class ManagedProcess:
             self._child.signal(signal.SIGKILL)
             self._child.wait_exited(timeout=10)
 
+    def kill_all(self) -> None:
+        """SIGKILL the process and everything it forked at once, as when a pod is killed."""
+        if self._child is not None:
+            self._child.kill_group()
+            self._child.wait_exited(timeout=10)
+
     def children(self) -> list[int]:
         """Return the PIDs of the process' direct children."""
         if not self.is_running():

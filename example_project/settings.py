@@ -5,6 +5,7 @@ Sentinel: ``DATABASE_URL`` (SQLite file by default; ``postgres://``, ``mysql://`
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -88,8 +89,12 @@ STATIC_URL = "static/"
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
-# Benchmarks switch adoption of plain Celery tasks off to measure plain Celery alone.
-RELIABLE_TASKS_ADOPT = os.environ.get("RELIABLE_TASKS_ADOPT", "1") == "1"
+# Any RELIABLE_TASKS_<NAME> setting can come from the environment as a JSON literal
+# (RELIABLE_TASKS_LEASE_TIMEOUT=3, RELIABLE_TASKS_ADOPT=false): tests and benchmarks tune workers
+# that way.
+for _name, _value in os.environ.items():
+    if _name.startswith("RELIABLE_TASKS_"):
+        globals()[_name] = json.loads(_value)
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = "django-db"

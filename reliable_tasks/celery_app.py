@@ -1,11 +1,15 @@
-"""Resolve the project's Celery app lazily (the library never creates one)."""
+"""Resolve the project's Celery app and its tasks lazily (the library never creates an app)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import Celery, current_app
 from django.utils.module_loading import import_string
 
 from reliable_tasks.conf import app_settings
+
+_discovered: set[int] = set()
 
 
 def get_celery_app() -> Celery:
@@ -14,3 +18,18 @@ def get_celery_app() -> Celery:
     if path:
         return import_string(path)
     return current_app._get_current_object()
+
+
+def find_task(app: Celery, name: str) -> Any | None:
+    """The task registered as ``name``, importing the project's task modules if needed.
+
+    ``app.autodiscover_tasks()`` only imports task modules when a worker or beat starts; a web
+    process or a management command knows the tasks its code imported. The first lookup of an
+    unknown name imports the rest, as a worker would.
+    """
+    task = app.tasks.get(name)
+    if task is None and id(app) not in _discovered:
+        _discovered.add(id(app))
+        app.loader.import_default_modules()
+        task = app.tasks.get(name)
+    return task

@@ -227,9 +227,9 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
 
 
 def _task_max_attempts(task_name: str) -> int:
-    from reliable_tasks.celery_app import get_celery_app
+    from reliable_tasks.celery_app import find_task, get_celery_app
 
-    task = get_celery_app().tasks.get(task_name)
+    task = find_task(get_celery_app(), task_name)
     value = getattr(task, "max_attempts", None)
     return int(value) if value else app_settings.MAX_ATTEMPTS
 

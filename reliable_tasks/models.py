@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
 from django.db import models
 from django.utils import timezone
@@ -30,6 +31,9 @@ class TaskRecord(models.Model):
     max_attempts = models.PositiveIntegerField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
     publish_error = models.TextField(blank=True, default="")
+    publish_claim = models.CharField(
+        max_length=32, blank=True, default="", editable=False,
+        help_text="Token of the sweeper pass that took the row for publishing.")
     duplicate_deliveries = models.PositiveIntegerField(
         default=0, help_text="Deliveries skipped because the task had finished or was running.")
 
@@ -79,3 +83,44 @@ class TaskRecord(models.Model):
         from reliable_tasks.states import FINISHED_STATES
 
         return self.state in FINISHED_STATES
+
+
+class WorkerHeartbeat(models.Model):
+    """A Celery worker node, alive while ``last_seen_at`` is fresh."""
+
+    hostname = models.CharField(max_length=255, unique=True)
+    pid = models.PositiveIntegerField(default=0)
+    first_seen_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    running = models.PositiveIntegerField(default=0, help_text="Tasks running at the last beat.")
+
+    class Meta:
+        verbose_name = "worker heartbeat"
+        ordering = ["hostname"]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+    def is_alive(self, now: datetime | None = None) -> bool:
+        """Whether the worker beat within the lease timeout and has not stopped."""
+        from reliable_tasks.conf import app_settings
+
+        now = now or timezone.now()
+        fresh = now - self.last_seen_at < timedelta(seconds=app_settings.LEASE_TIMEOUT)
+        return self.stopped_at is None and fresh
+
+
+class BrokerEpoch(models.Model):
+    """The Redis server seen behind the broker; a new run id means its data may be gone."""
+
+    name = models.CharField(max_length=100, primary_key=True)
+    run_id = models.CharField(max_length=64)
+    seen_since = models.DateTimeField(default=timezone.now)
+    checked_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "broker epoch"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.run_id}"

@@ -20,7 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from reliable_tasks.celery_app import get_celery_app
+from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
 from reliable_tasks.models import TaskRecord
@@ -39,7 +39,7 @@ def _task_name(app: Celery, task: Any) -> str:
     name = task if isinstance(task, str) else getattr(task, "name", None)
     if not isinstance(name, str) or not name:
         raise UnknownTaskError(f"{task!r} is neither a task nor a task name")
-    if name not in app.tasks:
+    if find_task(app, name) is None:
         raise UnknownTaskError(
             f"Unknown task {name!r}: it is not registered with the Celery app {app.main!r}")
     return name
@@ -299,25 +299,3 @@ def _run_eagerly(app: Celery, records: Sequence[TaskRecord]) -> int:
             task_id=str(record.id))
     return len(records)
 
-
-def publish_due(now: datetime | None = None, batch_size: int | None = None) -> int:
-    """Publish the rows whose publish is due (PENDING past the grace, RETRY past their delay).
-
-    Works in batches of ``SWEEP_BATCH_SIZE``, one pipelined publish and one UPDATE each, and
-    returns how many rows were published. Rows whose publish fails stay due.
-    """
-    now = now or timezone.now()
-    batch_size = batch_size or app_settings.SWEEP_BATCH_SIZE
-    published = 0
-    seen: set[Any] = set()
-    while True:
-        batch = [record for record in TaskRecord.objects.due_for_publish(now)
-                 .exclude(adopted=True).order_by("next_attempt_at")[:batch_size]
-                 if record.pk not in seen]
-        if not batch:
-            return published
-        seen.update(record.pk for record in batch)
-        count = publish_records(batch)
-        published += count
-        if count < len(batch):
-            return published

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu import Connection, Producer
 
+from reliable_tasks.celery_app import find_task
 from reliable_tasks.conf import app_settings
 from reliable_tasks.payload import from_stored
 
@@ -94,7 +95,7 @@ def close_publisher() -> None:
 
 def _send_one(app: Celery, producer: Producer, record: TaskRecord) -> None:
     options: dict[str, Any] = from_stored(record.options) if record.options else {}
-    task_type = app.tasks.get(record.task_name)
+    task_type = find_task(app, record.task_name)
     message_arguments = {key: options.pop(key) for key in _MESSAGE_ARGUMENTS if key in options}
     # Celery's request.retries counts the runs before this one, whoever re-published it.
     message_arguments["retries"] = record.attempts
@@ -139,3 +140,10 @@ def send_records(app: Celery, records: Sequence[TaskRecord]) -> None:
     with producer_for(app) as producer, producer.batch(max_size=max(len(records), 1)):
         for record in records:
             _send_one(app, producer, record)
+
+
+def broker_run_id(app: Celery) -> str:
+    """The run id of the Redis server behind the broker (changes on restart and failover)."""
+    with producer_for(app) as producer:
+        client = producer.connection.default_channel.client
+        return str(client.info("server")["run_id"])

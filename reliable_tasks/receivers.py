@@ -29,9 +29,9 @@ def _is_reliable(task: Any) -> bool:
 
 
 def _registered_reliable(task_name: str) -> bool:
-    from reliable_tasks.celery_app import get_celery_app
+    from reliable_tasks.celery_app import find_task, get_celery_app
 
-    return _is_reliable(get_celery_app().tasks.get(task_name))
+    return _is_reliable(find_task(get_celery_app(), task_name))
 
 
 def on_after_task_publish(sender: str | None = None, headers: dict[str, Any] | None = None,
@@ -120,6 +120,34 @@ def on_task_postrun(**_: Any) -> None:
             connection.close()
 
 
+_heartbeat: dict[str, Any] = {}
+
+
+def _active_task_ids() -> list[str]:
+    from celery.worker import state as worker_state
+
+    return [request.id for request in list(worker_state.active_requests)]
+
+
+def on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """Start this worker's heartbeat thread (main process)."""
+    from reliable_tasks.heartbeat import HeartbeatThread
+
+    hostname = getattr(sender, "hostname", None)
+    if not hostname or "thread" in _heartbeat:
+        return
+    thread = HeartbeatThread(hostname, _active_task_ids)
+    _heartbeat["thread"] = thread
+    thread.start()
+
+
+def on_worker_shutdown(**_: Any) -> None:
+    """Stop the heartbeat thread; it records the clean stop."""
+    thread = _heartbeat.pop("thread", None)
+    if thread is not None:
+        thread.stop()
+
+
 def connect() -> None:
     """Connect every receiver once (``dispatch_uid`` makes this idempotent)."""
     pairs = [
@@ -131,6 +159,8 @@ def connect() -> None:
         (signals.task_revoked, on_task_revoked),
         (signals.worker_init, on_worker_init),
         (signals.task_postrun, on_task_postrun),
+        (signals.worker_ready, on_worker_ready),
+        (signals.worker_shutdown, on_worker_shutdown),
     ]
     for signal, receiver in pairs:
         signal.connect(receiver, weak=False, dispatch_uid=f"reliable_tasks.{receiver.__name__}")

@@ -11,8 +11,8 @@ from example_project.demo.tasks import add, record
 from reliable_tasks import dispatch, dispatch_many
 from reliable_tasks.exceptions import PayloadError, UnknownTaskError
 from reliable_tasks.models import TaskRecord
-from reliable_tasks.outbox import publish_due
 from reliable_tasks.states import TaskState
+from reliable_tasks.sweeper import sweep
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -121,13 +121,13 @@ def test_pending_rows_are_published_once_redis_is_back(redis_server, settings):
     assert TaskRecord.objects.filter(state=TaskState.PENDING).count() == 5
 
     redis_server.start()
-    published = publish_due()
+    published = sweep().published
 
     assert published == 5
     assert queue_length(redis_server) == 5
     assert set(TaskRecord.objects.filter(id__in=[r.id for r in rows])
                .values_list("state", flat=True)) == {TaskState.QUEUED}
-    assert publish_due() == 0, "published rows are not published again"
+    assert sweep().published == 0, "published rows are not published again"
 
 
 def test_rows_within_the_publish_grace_are_left_to_their_own_publish(redis_server, settings):
@@ -137,7 +137,7 @@ def test_rows_within_the_publish_grace_are_left_to_their_own_publish(redis_serve
     dispatch(add, (1, 1))
     redis_server.start()
 
-    assert publish_due() == 0
+    assert sweep().published == 0
     assert queue_length(redis_server) == 0
 
 

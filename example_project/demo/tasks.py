@@ -53,6 +53,15 @@ def record(self: ReliableTask, token: str, sleep: float = 0.0) -> str:
     return token
 
 
+@shared_task(bind=True, base=ReliableTask, name="demo.resumable_record", retry_on_lost=True)
+def resumable_record(self: ReliableTask, token: str, sleep: float = 0.0) -> str:
+    """``record`` for a task that is safe to re-run after its worker died."""
+    if sleep:
+        time.sleep(sleep)
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    return token
+
+
 @shared_task(bind=True, base=ReliableTask, name="demo.db_session")
 def db_session(self: ReliableTask, token: str) -> int:
     """Log the database server's id of this worker's connection (PostgreSQL and MySQL)."""
