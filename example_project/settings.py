@@ -66,8 +66,10 @@ def _database_from_env() -> dict:
         os.environ.get("DATABASE_URL", default_url), conn_max_age=600, conn_health_checks=True
     )
     if config["ENGINE"] == "django.db.backends.sqlite3":
-        # Workers are other processes: the test database must be a file they can open too.
-        config["TEST"] = {"NAME": str(Path(config["NAME"]).with_suffix(".test.sqlite3"))}
+        # Workers are other processes: the test database must be a file they can open too;
+        # one per test session, so that two sessions on one machine never share it.
+        test_name = Path(config["NAME"]).with_suffix(f".test-{os.getpid()}.sqlite3")
+        config["TEST"] = {"NAME": str(test_name)}
         config["OPTIONS"] = {
             "timeout": 30,
             "transaction_mode": "IMMEDIATE",
@@ -105,7 +107,7 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_BEAT_SCHEDULER = "redbeat.RedBeatScheduler"
+CELERY_BEAT_SCHEDULER = "reliable_tasks.beat:ReliableRedBeatScheduler"
 CELERY_REDBEAT_REDIS_URL = REDIS_URL
 CELERY_BEAT_MAX_LOOP_INTERVAL = 5
 

@@ -58,6 +58,9 @@ SPECS: dict[str, SettingSpec] = {
         "database and published by the sweeper when due.", minimum=0),
     "HISTORY_LIMIT": SettingSpec(
         20, (int,), "Attempts kept in a row's history.", minimum=1),
+    "MISSED_RUN_GRACE": SettingSpec(
+        60, (int, float), "A periodic run later than this many seconds is missed (beat or "
+        "Redis was down) and follows its schedule's catch-up policy.", minimum=0),
     "ADOPT": SettingSpec(
         True, (bool,), "Record tasks sent with plain Celery (no ReliableTask) from signals."),
 }
@@ -129,6 +132,10 @@ class ReliableTasksSettings:
     @property
     def HISTORY_LIMIT(self) -> int:
         return int(self._get("HISTORY_LIMIT"))
+
+    @property
+    def MISSED_RUN_GRACE(self) -> float:
+        return float(self._get("MISSED_RUN_GRACE"))
 
     @property
     def ADOPT(self) -> bool:

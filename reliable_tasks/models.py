@@ -5,11 +5,113 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timedelta
 
+from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 
-from reliable_tasks.querysets import TaskRecordQuerySet
+from reliable_tasks import validators
+from reliable_tasks.querysets import PeriodicScheduleQuerySet, TaskRecordQuerySet
 from reliable_tasks.states import TaskState
+
+_now = timezone.now  # the schedule model has a field named ``timezone``
+
+
+class CatchUp(models.TextChoices):
+    """What a schedule does with runs missed while beat or Redis was down."""
+
+    SKIP = "skip", "Skip missed runs"
+    LATEST = "latest", "Run the latest missed run once"
+
+
+class PeriodicSchedule(models.Model):
+    """A periodic task. Its save and delete hooks push the change to RedBeat after commit."""
+
+    name = models.CharField(max_length=200, unique=True)
+    task = models.CharField(max_length=255, validators=[validators.validate_registered_task],
+                            help_text="A registered Celery task name.")
+    args = models.JSONField(default=list, blank=True, validators=[validators.validate_args])
+    kwargs = models.JSONField(default=dict, blank=True, validators=[validators.validate_kwargs])
+    options = models.JSONField(default=dict, blank=True,
+                               validators=[validators.validate_options],
+                               help_text="queue, priority, expires")
+    interval_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Run every this many seconds.")
+    crontab = models.CharField(
+        max_length=100, blank=True, default="",
+        help_text="Five fields: minute hour day-of-month month day-of-week, e.g. 30 2 * * 1-5.")
+    timezone = models.CharField(
+        max_length=64, blank=True, default="", validators=[validators.validate_timezone],
+        help_text="IANA time zone of the crontab; default: the project's TIME_ZONE.")
+    run_at = models.DateTimeField(null=True, blank=True, help_text="One-off: run once at.")
+    enabled = models.BooleanField(default=True)
+    description = models.TextField(blank=True, default="")
+    catch_up = models.CharField(max_length=10, choices=CatchUp.choices, default=CatchUp.SKIP)
+
+    revision = models.PositiveIntegerField(default=1, editable=False)
+    synced_revision = models.PositiveIntegerField(default=0, editable=False)
+    synced_at = models.DateTimeField(null=True, blank=True, editable=False)
+    sync_error = models.TextField(blank=True, default="", editable=False)
+    created_at = models.DateTimeField(default=_now, editable=False)
+    updated_at = models.DateTimeField(default=_now, editable=False)
+
+    objects = PeriodicScheduleQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "periodic schedule"
+        ordering = ["name"]
+        permissions = [("run_periodicschedule", "Can run schedules now"),
+                       ("push_periodicschedule", "Can push schedules to RedBeat")]
+        constraints = [
+            models.CheckConstraint(
+                condition=(
+                    Q(interval_seconds__isnull=False, crontab="", run_at__isnull=True)
+                    | (Q(interval_seconds__isnull=True, run_at__isnull=True) & ~Q(crontab=""))
+                    | Q(interval_seconds__isnull=True, crontab="", run_at__isnull=False)
+                ),
+                name="rt_schedule_one_timing",
+                violation_error_message=(
+                    "Give exactly one timing: interval_seconds, crontab or run_at."),
+            ),
+            models.CheckConstraint(condition=Q(interval_seconds__gte=1)
+                                   | Q(interval_seconds__isnull=True),
+                                   name="rt_schedule_interval_positive"),
+        ]
+        indexes = [models.Index(fields=["enabled", "name"], name="rt_schedule_enabled")]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        """Validate, bump the revision and save; the push to RedBeat follows the commit."""
+        self.full_clean()
+        if self.pk is not None:
+            self.revision = (self.revision or 0) + 1
+        self.updated_at = timezone.now()
+        super().save(*args, **kwargs)
+
+    def clean(self) -> None:
+        """Cross-field checks; each error names its field."""
+        timings = [self.interval_seconds is not None, bool(self.crontab), self.run_at is not None]
+        if sum(timings) != 1:
+            raise ValidationError({
+                "interval_seconds": "Give exactly one timing: interval_seconds, crontab or "
+                                    "run_at."})
+        if self.crontab:
+            errors = validators.crontab_errors(self.crontab, self.zone_name)
+            if errors:
+                raise ValidationError(errors)
+
+    @property
+    def zone_name(self) -> str:
+        """The crontab's time zone, or the project's."""
+        return self.timezone or settings.TIME_ZONE
+
+    @property
+    def needs_sync(self) -> bool:
+        """Whether RedBeat has not seen this revision yet."""
+        return self.synced_revision < self.revision
 
 
 class TaskRecord(models.Model):
@@ -54,6 +156,11 @@ class TaskRecord(models.Model):
     history = models.JSONField(
         default=list, blank=True, help_text="The latest attempts, oldest first (bounded).")
 
+    schedule = models.ForeignKey(
+        PeriodicSchedule, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
+    scheduled_for = models.DateTimeField(
+        null=True, blank=True, help_text="The slot of a periodic run (one row per slot).")
+
     parent_id = models.UUIDField(null=True, blank=True)
     root_id = models.UUIDField(null=True, blank=True)
     group_id = models.UUIDField(null=True, blank=True)
@@ -72,6 +179,10 @@ class TaskRecord(models.Model):
             models.Index(fields=["created_at"], name="rt_task_created"),
             models.Index(fields=["finished_at"], name="rt_task_finished"),
             models.Index(fields=["root_id"], name="rt_task_root"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["schedule", "scheduled_for"],
+                                    name="rt_task_one_run_per_slot"),
         ]
 
     def __str__(self) -> str:

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from django.db import models
+from django.db import models, transaction
+from django.db.models import F
 
 from reliable_tasks.states import FINISHED_STATES, TaskState
 
@@ -42,3 +43,36 @@ class TaskRecordQuerySet(models.QuerySet):
         Returns the number of rows changed; a row that moved on meanwhile is left alone.
         """
         return self.filter(state__in=list(from_states)).update(**changes)
+
+
+#: Schedule fields that record the push to RedBeat rather than describe the schedule.
+SYNC_BOOKKEEPING_FIELDS = frozenset({"synced_revision", "synced_at", "sync_error"})
+
+
+class PeriodicScheduleQuerySet(models.QuerySet):
+    """Query vocabulary of schedules; bulk updates mark the rows for a push to RedBeat."""
+
+    def enabled(self) -> PeriodicScheduleQuerySet:
+        """Schedules that should have a RedBeat entry."""
+        return self.filter(enabled=True)
+
+    def needing_sync(self) -> PeriodicScheduleQuerySet:
+        """Schedules whose latest revision RedBeat has not seen."""
+        return self.filter(synced_revision__lt=F("revision"))
+
+    def update(self, **kwargs: Any) -> int:
+        """``QuerySet.update()`` that bumps the revision and pushes the rows after commit.
+
+        Updates of the sync bookkeeping alone (``synced_revision``, ``synced_at``,
+        ``sync_error``) change nothing RedBeat holds, and bump nothing.
+        """
+        from reliable_tasks.sync import push_after_commit
+
+        if not set(kwargs) - SYNC_BOOKKEEPING_FIELDS:
+            return super().update(**kwargs)
+        kwargs.setdefault("revision", F("revision") + 1)
+        with transaction.atomic(using=self.db):
+            ids = list(self.values_list("pk", flat=True))
+            changed = super().update(**kwargs)
+            push_after_commit(ids)
+        return changed

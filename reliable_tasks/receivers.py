@@ -164,3 +164,16 @@ def connect() -> None:
     ]
     for signal, receiver in pairs:
         signal.connect(receiver, weak=False, dispatch_uid=f"reliable_tasks.{receiver.__name__}")
+    _connect_schedule_hooks()
+
+
+def _connect_schedule_hooks() -> None:
+    from django.db.models.signals import post_delete, post_save
+
+    from reliable_tasks.models import PeriodicSchedule
+    from reliable_tasks.sync import on_schedule_deleted, on_schedule_saved
+
+    post_save.connect(on_schedule_saved, sender=PeriodicSchedule,
+                      dispatch_uid="reliable_tasks.on_schedule_saved")
+    post_delete.connect(on_schedule_deleted, sender=PeriodicSchedule,
+                        dispatch_uid="reliable_tasks.on_schedule_deleted")

@@ -29,6 +29,7 @@ from reliable_tasks.conf import app_settings
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.outbox import publish_records
 from reliable_tasks.states import TaskState
+from reliable_tasks.sync import push_marked
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class SweepReport:
     requeued_after_broker_loss: int = 0
     published: int = 0
     publish_failed: int = 0
+    schedules_pushed: int = 0
     pruned: int = 0
     seconds: float = 0.0
 
@@ -77,10 +79,11 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
         report.requeued_after_broker_loss = requeue_after_broker_loss(
             epoch.previous_checked_at or now, now, batch_size, budget)
     report.published, report.publish_failed = publish_due_rows(now, batch_size, budget)
+    report.schedules_pushed = push_marked(batch_size).pushed if budget.left() else 0
     report.pruned = prune_finished(now, batch_size, budget)
     report.seconds = time.monotonic() - started
     if any((report.expired_leases_retried, report.expired_leases_lost, report.broker_changed,
-            report.published, report.publish_failed, report.pruned)):
+            report.published, report.publish_failed, report.schedules_pushed, report.pruned)):
         logger.info("sweep: %s", report.as_dict())
     return report
 

@@ -1,0 +1,286 @@
+"""RedBeat entries of the app's schedules: the only module that imports ``redbeat``.
+
+Layout (RedBeat's own, with its configurable key prefix, ``redbeat:`` by default):
+
+- ``<redbeat prefix><ENTRY_PREFIX><pk>`` (e.g. ``redbeat:reliable_tasks:42``): a hash with
+  ``definition`` (task, args, kwargs, options, schedule; JSON) and ``meta`` (``last_run_at``,
+  ``total_run_count``), one per enabled ``PeriodicSchedule``, named from its primary key;
+- its member of RedBeat's sorted set ``<redbeat prefix>:schedule``, scored with the next run.
+
+The schedule's own timing (time zone, catch-up policy, revision) travels in the definition's
+``options["reliable_tasks"]``, which ``ReliableRedBeatScheduler`` reads. Nothing else under
+RedBeat's prefix is written or deleted here: not the lock, not the statics, not foreign entries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery import Celery
+from celery.schedules import crontab as celery_crontab
+from celery.schedules import schedule as celery_interval
+from redbeat.decoder import RedBeatJSONDecoder, RedBeatJSONEncoder, to_timestamp
+from redbeat.schedulers import RedBeatSchedulerEntry, ensure_conf, get_redis
+from redbeat.schedules import rrule
+
+from reliable_tasks.conf import app_settings
+from reliable_tasks.timing import Timing, parse_crontab
+
+#: Key inside ``options`` that carries the schedule's own metadata.
+META_OPTION = "reliable_tasks"
+#: Name suffix of the sweeper's own entry (installed by the beat scheduler).
+SWEEP_ENTRY_SUFFIX = "sweep"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    """What a ``PeriodicSchedule`` looks like to RedBeat: everything a push writes."""
+
+    schedule_id: int
+    revision: int
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+    interval_seconds: int | None
+    crontab: str
+    timezone: str
+    run_at: datetime | None
+    catch_up: str
+
+    def timing(self) -> Timing:
+        """The timing, parsed (crontabs with their time zone)."""
+        if self.interval_seconds is not None:
+            return Timing(interval_seconds=float(self.interval_seconds))
+        if self.crontab:
+            return Timing(crontab=parse_crontab(self.crontab, self.timezone))
+        return Timing(run_at=self.run_at)
+
+    def celery_schedule(self) -> Any:
+        """The nearest RedBeat-encodable schedule object (for RedBeat's own tooling)."""
+        if self.interval_seconds is not None:
+            return celery_interval(run_every=timedelta(seconds=self.interval_seconds))
+        if self.crontab:
+            minute, hour, day_of_month, month_of_year, day_of_week = self.crontab.split()
+            return celery_crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+                                  month_of_year=month_of_year, day_of_week=day_of_week)
+        return rrule("SECONDLY", dtstart=self.run_at, count=1)
+
+    def meta_option(self) -> dict[str, Any]:
+        """The schedule's own metadata, stored in the entry's options."""
+        return {
+            "schedule_id": self.schedule_id,
+            "revision": self.revision,
+            "interval_seconds": self.interval_seconds,
+            "crontab": self.crontab,
+            "timezone": self.timezone,
+            "run_at": self.run_at.isoformat() if self.run_at else None,
+            "catch_up": self.catch_up,
+        }
+
+    def definition_json(self, name: str) -> str:
+        """The ``definition`` field exactly as RedBeat stores it."""
+        return json.dumps({
+            "name": name,
+            "task": self.task,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "options": {**self.options, META_OPTION: self.meta_option()},
+            "schedule": self.celery_schedule(),
+            "enabled": True,
+        }, cls=RedBeatJSONEncoder, sort_keys=True)
+
+
+def spec_from_options(task: str, options: dict[str, Any]) -> ScheduleSpec | None:
+    """Rebuild the spec from an entry's options; None for entries that are not schedules."""
+    meta = options.get(META_OPTION)
+    if not isinstance(meta, dict) or "schedule_id" not in meta:
+        return None
+    run_at = datetime.fromisoformat(meta["run_at"]) if meta.get("run_at") else None
+    return ScheduleSpec(
+        schedule_id=int(meta["schedule_id"]), revision=int(meta.get("revision", 0)),
+        task=task, args=[], kwargs={},
+        options={k: v for k, v in options.items() if k != META_OPTION},
+        interval_seconds=meta.get("interval_seconds"), crontab=meta.get("crontab") or "",
+        timezone=meta.get("timezone") or "UTC", run_at=run_at,
+        catch_up=meta.get("catch_up") or "skip",
+    )
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """An owned entry as read from Redis."""
+
+    name: str
+    definition: str | None
+    last_run_at: datetime | None
+    total_run_count: int
+    score: float | None
+
+
+def entry_name(schedule_id: int) -> str:
+    """RedBeat entry name of a schedule: the prefix and the immutable primary key."""
+    return f"{app_settings.ENTRY_PREFIX}{schedule_id}"
+
+
+def sweep_entry_name() -> str:
+    """RedBeat entry name of the sweeper's periodic pass."""
+    return f"{app_settings.ENTRY_PREFIX}{SWEEP_ENTRY_SUFFIX}"
+
+
+def schedule_id_of(name: str) -> int | None:
+    """The schedule's primary key from an entry name, or None for other entries."""
+    prefix = app_settings.ENTRY_PREFIX
+    suffix = name[len(prefix):] if name.startswith(prefix) else ""
+    return int(suffix) if suffix.isdigit() else None
+
+
+def _key(app: Celery, name: str) -> str:
+    return ensure_conf(app).key_prefix + name
+
+
+def _schedule_key(app: Celery) -> str:
+    return ensure_conf(app).schedule_key
+
+
+def client(app: Celery) -> Any:
+    """RedBeat's Redis client for ``app``."""
+    return get_redis(app)
+
+
+def decode_meta(raw: str | None) -> tuple[datetime | None, int]:
+    """``last_run_at`` and ``total_run_count`` of a ``meta`` field."""
+    if not raw:
+        return None, 0
+    meta = json.loads(raw, cls=RedBeatJSONDecoder)
+    last = meta.get("last_run_at")
+    if isinstance(last, datetime) and last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    return last, int(meta.get("total_run_count") or 0)
+
+
+def encode_meta(last_run_at: datetime, total_run_count: int) -> str:
+    """A ``meta`` field."""
+    return json.dumps({"last_run_at": last_run_at.astimezone(UTC),
+                       "total_run_count": total_run_count}, cls=RedBeatJSONEncoder)
+
+
+def decode_definition(raw: str) -> dict[str, Any]:
+    """A ``definition`` field, decoded."""
+    return json.loads(raw, cls=RedBeatJSONDecoder)
+
+
+def read_entries(app: Celery, names: Sequence[str]) -> dict[str, StoredEntry]:
+    """Read many entries in one pipelined round trip; missing ones are left out."""
+    if not names:
+        return {}
+    redis = client(app)
+    schedule_key = _schedule_key(app)
+    with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hmget(_key(app, name), "definition", "meta")
+            pipe.zscore(schedule_key, _key(app, name))
+        replies = pipe.execute()
+    entries: dict[str, StoredEntry] = {}
+    for index, name in enumerate(names):
+        (definition, meta), score = replies[2 * index], replies[2 * index + 1]
+        if definition is None and meta is None and score is None:
+            continue
+        last_run_at, total = decode_meta(meta)
+        entries[name] = StoredEntry(name=name, definition=definition, last_run_at=last_run_at,
+                                    total_run_count=total, score=score)
+    return entries
+
+
+def owned_entry_names(app: Celery) -> list[str]:
+    """Names of every entry under the app's prefix (schedules and the sweeper's), by SCAN."""
+    key_prefix = ensure_conf(app).key_prefix
+    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix + app_settings.ENTRY_PREFIX) + "*"
+    names = {key[len(key_prefix):] for key in client(app).scan_iter(match=pattern, count=1000)}
+    return sorted(names)
+
+
+def next_due(spec: ScheduleSpec, last_slot: datetime) -> datetime | None:
+    """The first slot after ``last_slot``."""
+    return spec.timing().next_after(last_slot)
+
+
+def initial_last_slot(spec: ScheduleSpec, now: datetime) -> datetime:
+    """``last_run_at`` of a new entry: its first run is the first slot after now.
+
+    A one-off whose time has passed runs at once.
+    """
+    if spec.run_at is not None and spec.run_at <= now:
+        return spec.run_at - timedelta(microseconds=1)
+    return now
+
+
+def push(app: Celery, specs: Iterable[ScheduleSpec], now: datetime,
+         existing: dict[str, StoredEntry] | None = None) -> int:
+    """Create or update entries, keeping ``last_run_at`` and ``total_run_count``.
+
+    Reads the current meta of all entries in one round trip (unless given), then writes all in
+    one transaction: definition, meta (kept, or set for a new entry) and the schedule score.
+    A changed timing is rescheduled from the last run. Returns how many entries were written.
+    """
+    specs = list(specs)
+    if not specs:
+        return 0
+    names = [entry_name(spec.schedule_id) for spec in specs]
+    if existing is None:
+        existing = read_entries(app, names)
+    redis = client(app)
+    schedule_key = _schedule_key(app)
+    with redis.pipeline(transaction=True) as pipe:
+        for name, spec in zip(names, specs, strict=True):
+            stored = existing.get(name)
+            last_slot = stored.last_run_at if stored and stored.last_run_at else None
+            if last_slot is None:
+                last_slot = initial_last_slot(spec, now)
+            total = stored.total_run_count if stored else 0
+            due = next_due(spec, last_slot)
+            key = _key(app, name)
+            pipe.hset(key, mapping={"definition": spec.definition_json(name),
+                                    "meta": encode_meta(last_slot, total)})
+            if due is None:
+                pipe.zrem(schedule_key, key)
+            else:
+                pipe.zadd(schedule_key, {key: to_timestamp(due)})
+        pipe.execute()
+    return len(specs)
+
+
+def advance(app: Celery, name: str, last_slot: datetime, total_run_count: int,
+            due: datetime | None) -> None:
+    """Record that the entry ran up to ``last_slot`` and when it is due next."""
+    key = _key(app, name)
+    with client(app).pipeline(transaction=True) as pipe:
+        pipe.hset(key, "meta", encode_meta(last_slot, total_run_count))
+        if due is None:
+            pipe.zrem(_schedule_key(app), key)
+        else:
+            pipe.zadd(_schedule_key(app), {key: to_timestamp(due)})
+        pipe.execute()
+
+
+def remove(app: Celery, names: Iterable[str]) -> int:
+    """Delete owned entries (hash and schedule member) in one round trip."""
+    names = [name for name in names if name.startswith(app_settings.ENTRY_PREFIX)]
+    if not names:
+        return 0
+    with client(app).pipeline(transaction=True) as pipe:
+        for name in names:
+            pipe.zrem(_schedule_key(app), _key(app, name))
+            pipe.delete(_key(app, name))
+        pipe.execute()
+    return len(names)
+
+
+def entry_class() -> type[RedBeatSchedulerEntry]:
+    """RedBeat's entry class (for the beat scheduler)."""
+    return RedBeatSchedulerEntry

@@ -1,0 +1,62 @@
+"""Validation of periodic schedules: task names, timings, JSON arguments and options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+
+from reliable_tasks.celery_app import find_task, get_celery_app
+from reliable_tasks.timing import ScheduleSpecError, parse_crontab, parse_timezone
+
+#: The publish options a schedule may carry.
+SCHEDULE_OPTIONS = frozenset({"queue", "priority", "expires"})
+
+
+def validate_registered_task(name: str) -> None:
+    """The task must be registered with the project's Celery app."""
+    if not name or find_task(get_celery_app(), name) is None:
+        raise ValidationError(
+            "Unknown task %(name)s: it is not registered with the Celery app.",
+            code="unknown_task", params={"name": repr(name)})
+
+
+def validate_args(value: Any) -> None:
+    """Positional arguments are a JSON list."""
+    if not isinstance(value, list):
+        raise ValidationError("Arguments must be a JSON list, e.g. [1, \"a\"].", code="not_list")
+
+
+def validate_kwargs(value: Any) -> None:
+    """Keyword arguments are a JSON object."""
+    if not isinstance(value, dict):
+        raise ValidationError("Keyword arguments must be a JSON object, e.g. {\"x\": 1}.",
+                              code="not_object")
+
+
+def validate_options(value: Any) -> None:
+    """Options are a JSON object with only queue, priority and expires."""
+    if not isinstance(value, dict):
+        raise ValidationError("Options must be a JSON object.", code="not_object")
+    unknown = sorted(set(value) - SCHEDULE_OPTIONS)
+    if unknown:
+        raise ValidationError(
+            "Unknown option(s) %(unknown)s; allowed: %(allowed)s.", code="unknown_option",
+            params={"unknown": ", ".join(unknown), "allowed": ", ".join(sorted(SCHEDULE_OPTIONS))})
+
+
+def validate_timezone(name: str) -> None:
+    """The name of an existing IANA time zone."""
+    try:
+        parse_timezone(name)
+    except ScheduleSpecError as exc:
+        raise ValidationError(str(exc), code="unknown_timezone") from exc
+
+
+def crontab_errors(expression: str, zone_name: str) -> dict[str, str]:
+    """Field name -> message for an invalid crontab or time zone; empty when both are valid."""
+    try:
+        parse_crontab(expression, zone_name)
+    except ScheduleSpecError as exc:
+        return {exc.field: str(exc)}
+    return {}
