@@ -110,6 +110,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "reliable_tasks.beat:ReliableRedBeatScheduler"
 CELERY_REDBEAT_REDIS_URL = REDIS_URL
 CELERY_BEAT_MAX_LOOP_INTERVAL = 5
+if os.environ.get("REDBEAT_LOCK_KEY"):  # tests force a second beat past the lock this way
+    CELERY_REDBEAT_LOCK_KEY = os.environ["REDBEAT_LOCK_KEY"]
 
 LOGGING = {
     "version": 1,
