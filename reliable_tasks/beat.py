@@ -30,12 +30,17 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from reliable_tasks import redbeat_store
+from reliable_tasks.broker_epoch import record_epoch
 from reliable_tasks.conf import app_settings
 from reliable_tasks.outbox import publish_records
 from reliable_tasks.periodic import ScheduleGone, disable_one_off, record_runs
+from reliable_tasks.reconcile import reconcile_schedules
 from reliable_tasks.timing import plan_runs
 
 logger = logging.getLogger(__name__)
+
+#: ``BrokerEpoch`` name of the Redis behind RedBeat.
+REDBEAT_EPOCH = "redbeat"
 
 
 class ReliableRedBeatScheduler(RedBeatScheduler):
@@ -50,6 +55,7 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
                  lock_timeout: float | None = None, **kwargs: Any) -> None:
         self._ready = False
         self._standby_logged = False
+        self._redbeat_run_id = ""
         super().__init__(app, lock_key=lock_key, lock_timeout=lock_timeout, **kwargs)
         configured = lock_timeout or app.redbeat_conf.lock_timeout
         self.lock_timeout = configured or self.max_interval * 4
@@ -104,6 +110,7 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
                 return self.standby_interval
             if not self._ready:
                 self._setup_after_lock()
+            self._restore_after_redis_loss()
             remaining = [self.maybe_due(entry, **self._maybe_due_kwargs)
                          for entry in self.schedule.values()]
         except (RedisConnectionError, RedisTimeoutError, RedisError) as exc:
@@ -111,6 +118,29 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
                            self.standby_interval)
             return self.standby_interval
         return min([value for value in remaining if value] + [self.max_interval])
+
+    def _restore_after_redis_loss(self) -> None:
+        """A new RedBeat Redis (restarted empty, or failed over) may lack entries: restore them.
+
+        The run id last seen is kept in the database, so a beat restarted after the loss
+        notices it too.
+        """
+        run_id = str(get_redis(self.app).info("server")["run_id"])
+        if run_id == self._redbeat_run_id:
+            return
+        try:
+            changed = record_epoch(REDBEAT_EPOCH, run_id, self.app.now()).changed
+        except DatabaseError as exc:
+            logger.warning("beat: could not check RedBeat's Redis epoch (%r)", exc)
+            return
+        self._redbeat_run_id = run_id
+        if changed:
+            logger.warning("beat: RedBeat's Redis changed (restart or failover); restoring the "
+                           "app's entries from the database")
+            self._setup_after_lock()
+            plan = reconcile_schedules(dry_run=False)
+            logger.info("beat: restored %d and updated %d entries", len(plan.create),
+                        len(plan.update))
 
     # -- periodic runs ---------------------------------------------------------------------
 

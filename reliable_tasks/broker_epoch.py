@@ -37,14 +37,19 @@ def check_broker_epoch(now: datetime) -> EpochCheck:
     except Exception as exc:  # noqa: BLE001 - an unreachable broker is not a changed broker
         logger.warning("could not read the broker's run id: %r", exc)
         return EpochCheck(changed=False)
-    known = BrokerEpoch.objects.filter(name=EPOCH_NAME).first()
+    return record_epoch(EPOCH_NAME, run_id, now)
+
+
+def record_epoch(name: str, run_id: str, now: datetime) -> EpochCheck:
+    """Remember ``run_id`` as the server behind ``name``; ``changed`` for one caller only."""
+    known = BrokerEpoch.objects.filter(name=name).first()
     if known is None:
         BrokerEpoch.objects.get_or_create(
-            name=EPOCH_NAME, defaults={"run_id": run_id, "seen_since": now, "checked_at": now})
+            name=name, defaults={"run_id": run_id, "seen_since": now, "checked_at": now})
         return EpochCheck(changed=False, run_id=run_id)
     if known.run_id == run_id:
-        BrokerEpoch.objects.filter(name=EPOCH_NAME, run_id=run_id).update(checked_at=now)
+        BrokerEpoch.objects.filter(name=name, run_id=run_id).update(checked_at=now)
         return EpochCheck(changed=False, run_id=run_id)
-    won = BrokerEpoch.objects.filter(name=EPOCH_NAME, run_id=known.run_id).update(
+    won = BrokerEpoch.objects.filter(name=name, run_id=known.run_id).update(
         run_id=run_id, seen_since=now, checked_at=now)
     return EpochCheck(changed=won == 1, run_id=run_id, previous_checked_at=known.checked_at)

@@ -221,12 +221,15 @@ def initial_last_slot(spec: ScheduleSpec, now: datetime) -> datetime:
 
 
 def push(app: Celery, specs: Iterable[ScheduleSpec], now: datetime,
-         existing: dict[str, StoredEntry] | None = None) -> int:
+         existing: dict[str, StoredEntry] | None = None,
+         last_slots: dict[int, datetime] | None = None) -> int:
     """Create or update entries, keeping ``last_run_at`` and ``total_run_count``.
 
-    Reads the current meta of all entries in one round trip (unless given), then writes all in
-    one transaction: definition, meta (kept, or set for a new entry) and the schedule score.
-    A changed timing is rescheduled from the last run. Returns how many entries were written.
+    Reads the current entries in one round trip (unless given), then writes all in one
+    transaction: the definition, the meta only where there is none (a beat advancing the entry
+    meanwhile is never undone), and the schedule score from the last run, so a changed timing
+    is rescheduled from it. A new entry starts from ``last_slots`` (the ledger's latest run of
+    the schedule) when given, else from now. Returns how many entries were written.
     """
     specs = list(specs)
     if not specs:
@@ -234,19 +237,19 @@ def push(app: Celery, specs: Iterable[ScheduleSpec], now: datetime,
     names = [entry_name(spec.schedule_id) for spec in specs]
     if existing is None:
         existing = read_entries(app, names)
+    last_slots = last_slots or {}
     redis = client(app)
     schedule_key = _schedule_key(app)
     with redis.pipeline(transaction=True) as pipe:
         for name, spec in zip(names, specs, strict=True):
             stored = existing.get(name)
-            last_slot = stored.last_run_at if stored and stored.last_run_at else None
-            if last_slot is None:
-                last_slot = initial_last_slot(spec, now)
-            total = stored.total_run_count if stored else 0
-            due = next_due(spec, last_slot)
+            last_slot = stored.last_run_at if stored else None
             key = _key(app, name)
-            pipe.hset(key, mapping={"definition": spec.definition_json(name),
-                                    "meta": encode_meta(last_slot, total)})
+            if last_slot is None:
+                last_slot = last_slots.get(spec.schedule_id) or initial_last_slot(spec, now)
+                pipe.hsetnx(key, "meta", encode_meta(last_slot, 0))
+            pipe.hset(key, "definition", spec.definition_json(name))
+            due = next_due(spec, last_slot)
             if due is None:
                 pipe.zrem(schedule_key, key)
             else:

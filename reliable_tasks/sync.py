@@ -44,7 +44,7 @@ class PushReport:
     failed: int = 0
 
 
-def _mark_synced(schedules: Iterable[PeriodicSchedule]) -> None:
+def mark_synced(schedules: Iterable[PeriodicSchedule]) -> None:
     """One conditional UPDATE per revision: a row edited meanwhile stays marked for sync."""
     by_revision: dict[int, list[int]] = defaultdict(list)
     for schedule in schedules:
@@ -76,7 +76,7 @@ def push_schedules(ids: Iterable[int]) -> PushReport:
         PeriodicSchedule.objects.filter(pk__in=ids).update(
             sync_error=f"{type(exc).__name__}: {exc}"[:2000])
         return report
-    _mark_synced(schedules.values())
+    mark_synced(schedules.values())
     return report
 
 

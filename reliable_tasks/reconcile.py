@@ -1,0 +1,192 @@
+"""The startup reconciliation: diff the database against RedBeat, repair only what differs.
+
+It replaces "clear Redis and reload the schedule": it reads the app's own entries (pipelined),
+creates the missing, updates the drifted (keeping ``last_run_at``), removes owned orphans, and
+then runs one sweeper pass. It never writes or deletes RedBeat's lock, its statics, entries
+outside the app's prefix, or any other key. Concurrent runs serialize on a short lock of the
+app's own (``<ENTRY_PREFIX>reconcile:lock``, outside RedBeat's prefix).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from django.db.models import Max
+from django.utils import timezone
+
+from reliable_tasks import redbeat_store
+from reliable_tasks.celery_app import get_celery_app
+from reliable_tasks.conf import app_settings
+from reliable_tasks.models import PeriodicSchedule, TaskRecord
+from reliable_tasks.sweeper import SweepReport, sweep
+from reliable_tasks.sync import mark_synced, spec_for
+
+#: Entries read or written per pipelined round trip.
+CHUNK = 1000
+#: How long the reconcile lock lives if its holder dies mid-run.
+LOCK_TIMEOUT = 120
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SchedulePlan:
+    """What a reconciliation changes in RedBeat: entry names per action."""
+
+    create: list[str] = field(default_factory=list)
+    update: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def drifted(self) -> bool:
+        """Whether RedBeat differs from the database."""
+        return bool(self.create or self.update or self.remove)
+
+
+@dataclass
+class ReconcileReport:
+    """The outcome of one run (``--json`` prints it)."""
+
+    dry_run: bool
+    created: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    plan: SchedulePlan | None = None
+    sweep: SweepReport | None = None
+    skipped_busy: bool = False
+    seconds: float = 0.0
+
+    @property
+    def drifted(self) -> bool:
+        """Whether the schedules had drifted (before this run repaired them)."""
+        return self.plan is not None and self.plan.drifted
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as plain data."""
+        data = asdict(self)
+        data["drifted"] = self.drifted
+        return data
+
+
+def _chunks(items: list[Any], size: int = CHUNK) -> Iterable[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@dataclass
+class _State:
+    specs: dict[str, redbeat_store.ScheduleSpec]
+    schedules: dict[str, PeriodicSchedule]
+    stored: dict[str, redbeat_store.StoredEntry]
+
+
+def _read_state(progress: Progress) -> _State:
+    """The database first (so an unreachable database fails before Redis is touched)."""
+    schedules = {redbeat_store.entry_name(s.pk): s
+                 for s in PeriodicSchedule.objects.enabled().iterator(chunk_size=2000)}
+    specs = {name: spec_for(schedule) for name, schedule in schedules.items()}
+    app = get_celery_app()
+    names = sorted(set(specs) | set(redbeat_store.owned_entry_names(app)))
+    stored: dict[str, redbeat_store.StoredEntry] = {}
+    for index, chunk in enumerate(_chunks(names)):
+        stored.update(redbeat_store.read_entries(app, chunk))
+        progress(f"read {min((index + 1) * CHUNK, len(names))}/{len(names)} entries")
+    return _State(specs=specs, schedules=schedules, stored=stored)
+
+
+def plan_schedules(state: _State) -> SchedulePlan:
+    """Compare the database's schedules with the app's RedBeat entries."""
+    plan = SchedulePlan()
+    sweep_entry = redbeat_store.sweep_entry_name()
+    for name, spec in state.specs.items():
+        entry = state.stored.get(name)
+        if entry is None or entry.definition is None:
+            plan.create.append(name)
+        elif entry.definition != spec.definition_json(name) or entry.score is None:
+            plan.update.append(name)
+        else:
+            plan.unchanged += 1
+    plan.remove = sorted(name for name in state.stored
+                         if name not in state.specs and name != sweep_entry)
+    return plan
+
+
+def _last_slots(schedule_ids: list[int]) -> dict[int, datetime]:
+    """The ledger's latest run of each schedule: a recreated entry continues from it."""
+    rows = (TaskRecord.objects.filter(schedule_id__in=schedule_ids)
+            .values("schedule_id").annotate(last=Max("scheduled_for")))
+    return {row["schedule_id"]: row["last"] for row in rows if row["last"]}
+
+
+def apply_plan(state: _State, plan: SchedulePlan, progress: Progress) -> None:
+    """Write the plan to RedBeat, in pipelined chunks, and record what was pushed."""
+    app = get_celery_app()
+    now = timezone.now()
+    to_push = plan.create + plan.update
+    for index, chunk in enumerate(_chunks(to_push)):
+        ids = [state.specs[name].schedule_id for name in chunk if name in plan.create]
+        redbeat_store.push(app, [state.specs[name] for name in chunk], now,
+                           existing={n: state.stored[n] for n in chunk if n in state.stored},
+                           last_slots=_last_slots(ids) if ids else None)
+        progress(f"pushed {min((index + 1) * CHUNK, len(to_push))}/{len(to_push)} entries")
+    for chunk in _chunks(plan.remove):
+        redbeat_store.remove(app, chunk)
+    mark_synced(schedule for schedule in state.schedules.values() if schedule.needs_sync
+                or redbeat_store.entry_name(schedule.pk) in to_push)
+
+
+def reconcile_schedules(*, dry_run: bool, prune: bool = True,
+                        progress: Progress = lambda message: None) -> SchedulePlan:
+    """Diff and (unless ``dry_run``) repair the schedules; return the plan."""
+    state = _read_state(progress)
+    plan = plan_schedules(state)
+    if not prune:
+        plan.remove = []
+    if not dry_run:
+        apply_plan(state, plan, progress)
+    return plan
+
+
+def _lock(wait: float) -> Any:
+    client = redbeat_store.client(get_celery_app())
+    return client.lock(f"{app_settings.ENTRY_PREFIX}reconcile:lock", timeout=LOCK_TIMEOUT,
+                       blocking_timeout=wait, thread_local=False)
+
+
+def reconcile(*, dry_run: bool = False, schedules: bool = True, ledger: bool = True,
+              prune: bool = True, wait: float = 30.0,
+              progress: Progress = lambda message: None) -> ReconcileReport:
+    """The whole reconciliation; safe to run from many processes at once.
+
+    A real run takes the app's reconcile lock, waiting up to ``wait`` seconds; if another run
+    still holds it, this one does nothing (``skipped_busy``): that run is doing the same work.
+    A dry run takes no lock and writes nothing.
+    """
+    started = time.monotonic()
+    report = ReconcileReport(dry_run=dry_run)
+    lock = None
+    if not dry_run:
+        lock = _lock(wait)
+        if not lock.acquire():
+            report.skipped_busy = True
+            report.seconds = time.monotonic() - started
+            return report
+    try:
+        if schedules:
+            plan = reconcile_schedules(dry_run=dry_run, prune=prune, progress=progress)
+            report.plan = plan
+            report.created, report.updated = len(plan.create), len(plan.update)
+            report.removed, report.unchanged = len(plan.remove), plan.unchanged
+        if ledger and not dry_run:
+            report.sweep = sweep(time_budget=max(wait, 30.0))
+    finally:
+        if lock is not None and lock.owned():
+            lock.release()
+    report.seconds = time.monotonic() - started
+    return report
