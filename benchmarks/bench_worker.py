@@ -236,16 +236,18 @@ def run(env: BenchEnvironment, rounds: int = 3, tasks: int = TASKS) -> list[Row]
     log_dir = Path(tempfile.mkdtemp(prefix="rt-bench-worker-"))
     seconds: dict[str, list[float]] = {variant.key: [] for variant in VARIANTS}
     by_key = {variant.key: variant for variant in VARIANTS}
-    for round_index in range(rounds):
-        for key in rotated(list(by_key), round_index):
-            took = run_once(env, by_key[key], tasks, log_dir, f"r{round_index + 1}")
-            seconds[key].append(took)
-            log(f"worker benchmark: round {round_index + 1}/{rounds} {key}: {took:.2f} s")
-    env.reset()
-    if any(log_dir.iterdir()):
-        log(f"worker logs with warnings or errors kept in {log_dir}")
-    else:
-        shutil.rmtree(log_dir, ignore_errors=True)
+    try:
+        for round_index in range(rounds):
+            for key in rotated(list(by_key), round_index):
+                took = run_once(env, by_key[key], tasks, log_dir, f"r{round_index + 1}")
+                seconds[key].append(took)
+                log(f"worker benchmark: round {round_index + 1}/{rounds} {key}: {took:.2f} s")
+        env.reset()
+    finally:
+        if any(log_dir.iterdir()):
+            log(f"worker logs kept in {log_dir}")
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
     scenario = f"worker: {tasks} no-ops, prefork x{CONCURRENCY}"
     measured = [
         Row(scenario=scenario, variant=variant.label, seconds=seconds[variant.key], tasks=tasks,

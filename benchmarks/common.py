@@ -115,6 +115,18 @@ def _check_pointed_at(redis_url: str) -> None:
         raise RuntimeError(f"not pointed at the private Redis {redis_url}: {wrong}")
 
 
+def _check_migrations_complete() -> None:
+    """Refuse to go on when a model changed without a migration (the tables would not match)."""
+    from django.core.management import call_command
+
+    try:
+        call_command("makemigrations", check=True, dry_run=True, verbosity=0)
+    except SystemExit as exc:
+        raise RuntimeError(
+            "models have changes that no migration covers (`manage.py makemigrations --check`"
+            " fails): the benchmark database cannot match them") from exc
+
+
 @contextlib.contextmanager
 def bench_environment() -> Iterator[BenchEnvironment]:
     """Start Redis, set Django up on the benchmark database, migrate; stop Redis at the end."""
@@ -134,6 +146,7 @@ def bench_environment() -> Iterator[BenchEnvironment]:
 
         django.setup()
         _check_pointed_at(server.url)
+        _check_migrations_complete()
         call_command("migrate", verbosity=0, interactive=False)
         import example_project.demo.tasks  # noqa: F401 - registers the demo tasks
 

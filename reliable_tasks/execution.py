@@ -111,10 +111,11 @@ class ReliableTask(DjangoTask):
         except (Retry, Ignore, Reject):
             raise
         except self._retry_for_classes() as exc:
-            if claimed is not None and claimed.attempt >= self._max_attempts(claimed):
+            attempt = self._attempt(claimed)
+            if claimed is not None and attempt >= self._max_attempts(claimed):
                 raise
             delay = backoff_seconds(
-                claimed.attempt if claimed else request.retries + 1,
+                attempt or request.retries + 1,
                 float(self.retry_backoff), float(self.retry_backoff_max),
                 bool(getattr(self, "retry_jitter", True)))
             raise self.retry(exc=exc, countdown=delay) from exc
@@ -124,11 +125,12 @@ class ReliableTask(DjangoTask):
               max_retries: int | None = None, **options: Any) -> Retry:
         """Celery's ``retry()``, limited by ``max_attempts`` and recorded in the ledger."""
         claimed = getattr(self.request, "reliable_claim", None)
-        if claimed is not None and claimed.attempt >= self._max_attempts(claimed):
+        attempt = self._attempt(claimed)
+        if claimed is not None and attempt >= self._max_attempts(claimed):
             if exc is not None:
                 raise exc
             raise self.MaxRetriesExceededError(
-                f"{self.name}[{self.request.id}] used its {claimed.attempt} attempts")
+                f"{self.name}[{self.request.id}] used its {attempt} attempts")
         self.request.reliable_retry = exc if exc is not None else Retry()
         return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
                              countdown=countdown, max_retries=max_retries, **options)
@@ -137,7 +139,7 @@ class ReliableTask(DjangoTask):
         """Record SUCCESS."""
         claimed = getattr(self.request, "reliable_claim", None)
         if claimed is not None:
-            self._safely(ledger.record_success, task_id, claimed, self.request.hostname or "")
+            self._safely(ledger.record_success, task_id, claimed)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
@@ -145,10 +147,16 @@ class ReliableTask(DjangoTask):
         claimed = getattr(self.request, "reliable_claim", None)
         if claimed is not None:
             tb = getattr(einfo, "traceback", None)
-            self._safely(ledger.record_failure, task_id, claimed, self.request.hostname or "",
-                         exc, tb)
+            self._safely(ledger.record_failure, task_id, claimed, exc, tb)
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _attempt(self, claimed: ledger.Claim | None) -> int:
+        """This run's attempt number (read from the ledger on first need; 0 if unrecorded)."""
+        if claimed is None:
+            return 0
+        self._safely(ledger.load_attempt, self.request.id, claimed)
+        return claimed.attempt or 0
 
     def _max_attempts(self, claimed: ledger.Claim) -> int:
         """The row's own limit if it has one, else the task's."""
@@ -193,30 +201,25 @@ class ReliableTask(DjangoTask):
         eta = eta or now
         held = (eta - now).total_seconds() > app_settings.DELAY_THRESHOLD
         sweeper_due_at = eta if held else eta + timedelta(seconds=app_settings.PUBLISH_GRACE)
+        call_changes: dict[str, Any] = {"eta": eta}
+        if args is not None:
+            call_changes["args"] = to_stored(list(args), "args")
+        if kwargs is not None:
+            call_changes["kwargs"] = to_stored(dict(kwargs), "kwargs")
         recorded = self._safely(
-            ledger.record_retry, task_id, claimed, self.request.hostname or "",
-            None if isinstance(exc, Retry) else exc, sweeper_due_at)
+            ledger.record_retry, task_id, claimed, None if isinstance(exc, Retry) else exc,
+            sweeper_due_at, None, **call_changes)
         if not recorded:
             return super().apply_async(args, kwargs, task_id=task_id, **options)
-        self._safely(_store_retry_call, task_id, args, kwargs, eta)
         if not held:
-            record = TaskRecord.objects.get(pk=task_id)
-            publish_records([record])
+            publish_records([TaskRecord.objects.get(pk=task_id)])
         return self.AsyncResult(task_id)
 
-    def _safely(self, write: Any, *args: Any) -> Any:
+    def _safely(self, write: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return write(*args)
+            return write(*args, **kwargs)
         except DatabaseError:
             logger.exception("%s: ledger write %s failed; the task itself is unaffected",
                              self.name, getattr(write, "__name__", write))
             return None
 
-
-def _store_retry_call(task_id: str, args: Any, kwargs: Any, eta: datetime) -> None:
-    changes: dict[str, Any] = {"eta": eta}
-    if args is not None:
-        changes["args"] = to_stored(list(args), "args")
-    if kwargs is not None:
-        changes["kwargs"] = to_stored(dict(kwargs), "kwargs")
-    TaskRecord.objects.filter(pk=task_id).update(**changes)

@@ -1,8 +1,9 @@
 """State transitions of the ledger, each one conditional UPDATE (compare-and-set).
 
-The worker's claim and every outcome write name the state (and attempt) they expect, so two
-workers, two sweepers, or a sweeper and a worker can never both win, and a late or duplicate
-event never moves a row backwards.
+The worker's claim names the states it may start from; every outcome write names the state it
+expects and the claim it belongs to (worker and start time), so two workers, two sweepers, or a
+sweeper and a worker can never both win, and a late or duplicate event never moves a row
+backwards.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any
 from uuid import UUID
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
 from reliable_tasks.models import TaskRecord
+from reliable_tasks.querysets import TaskRecordQuerySet
 from reliable_tasks.states import CLAIMABLE_STATES, MANUALLY_RETRYABLE_STATES, TaskState
 
 logger = logging.getLogger(__name__)
@@ -31,57 +33,65 @@ _TRACEBACK_LIMIT = 20000
 
 @dataclass
 class Claim:
-    """The outcome of a worker's claim on a delivery."""
+    """A worker's claim on a delivery: who started it when (the token of its outcome write)."""
 
     won: bool
-    attempt: int = 0
     reason: str = ""
-    history: list[dict[str, Any]] = field(default_factory=list)
+    worker: str = ""
     started_at: datetime | None = None
-    #: The row's own attempt limit (set by ``dispatch(max_attempts=...)`` or a manual retry).
+    #: Read lazily (``load_attempt``): the common successful run never needs them.
+    attempt: int | None = None
     max_attempts: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _lease(now: datetime) -> datetime:
+    return now + timedelta(seconds=app_settings.LEASE_TIMEOUT)
 
 
 def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) -> Claim:
     """Claim the row of a delivered task for this worker, or say why the body must not run.
 
-    Wins from PENDING, QUEUED and RETRY, and from STARTED whose lease expired when the task may
-    re-run after its worker died. A delivery of a finished task, or of one running under a live
-    lease, loses. A row that does not exist (sent around the outbox, or pruned) is recorded as
-    started by this delivery.
+    The common case is one conditional UPDATE: it wins from PENDING, QUEUED and RETRY while the
+    task has not expired. Otherwise the row is read to decide: a STARTED row whose lease expired
+    is taken over when the task may re-run after its worker died; an expired task becomes
+    EXPIRED; a row that does not exist (sent around the outbox, or pruned) is recorded as
+    started by this delivery; a finished task, or one running under a live lease, loses.
     """
     now = timezone.now()
+    changed = (TaskRecord.objects.filter(id=task_id, state__in=list(CLAIMABLE_STATES))
+               .filter(Q(expires_at__isnull=True) | Q(expires_at__gte=now))
+               .update(state=TaskState.STARTED, attempts=F("attempts") + 1, worker=worker,
+                       started_at=now, lease_expires_at=_lease(now), next_attempt_at=None))
+    if changed:
+        return Claim(won=True, worker=worker, started_at=now)
+    return _claim_contended(task_id, task_name, worker, now, rerun_after_lost)
+
+
+def _claim_contended(task_id: str, task_name: str, worker: str, now: datetime,
+                     rerun_after_lost: bool) -> Claim:
     row = (TaskRecord.objects.filter(id=task_id)
-           .values("state", "attempts", "lease_expires_at", "expires_at", "history",
-                   "max_attempts").first())
+           .values("state", "attempts", "lease_expires_at", "expires_at").first())
     if row is None:
-        return _claim_unrecorded(task_id, task_name, worker, now, rerun_after_lost)
-    state, attempts = row["state"], row["attempts"]
-    lease_expired = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+        return _claim_unrecorded(task_id, task_name, worker, now)
+    state = row["state"]
     if state in CLAIMABLE_STATES and row["expires_at"] is not None and row["expires_at"] < now:
-        TaskRecord.objects.filter(id=task_id, state=state).update(
-            state=TaskState.EXPIRED, finished_at=now)
+        TaskRecord.objects.filter(id=task_id).transition(
+            CLAIMABLE_STATES, state=TaskState.EXPIRED, finished_at=now)
         return Claim(won=False, reason=f"expired at {row['expires_at'].isoformat()}")
-    if not (state in CLAIMABLE_STATES
-            or (state == TaskState.STARTED and lease_expired and rerun_after_lost)):
-        why = "running under a live lease" if state == TaskState.STARTED else f"already {state}"
-        return Claim(won=False, reason=why)
-    # The compare-and-set is on the attempt counter: PENDING -> QUEUED (the publisher confirming)
-    # may happen between the read and the write and must not make the claim fail.
-    claimable = TaskRecord.objects.filter(id=task_id, attempts=attempts)
-    if state == TaskState.STARTED:
-        claimable = claimable.filter(state=state, lease_expires_at__lt=now)
-    else:
-        claimable = claimable.filter(state__in=list(CLAIMABLE_STATES))
-    changed = claimable.update(
-        state=TaskState.STARTED, attempts=attempts + 1, worker=worker, started_at=now,
-        lease_expires_at=now + timedelta(seconds=app_settings.LEASE_TIMEOUT),
-        next_attempt_at=None,
-    )
-    if changed != 1:
+    lease_expired = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+    if state == TaskState.STARTED and lease_expired and rerun_after_lost:
+        changed = TaskRecord.objects.filter(
+            id=task_id, state=state, attempts=row["attempts"], lease_expires_at__lt=now,
+        ).update(attempts=row["attempts"] + 1, worker=worker, started_at=now,
+                 lease_expires_at=_lease(now))
+        if changed:
+            return Claim(won=True, worker=worker, started_at=now)
         return Claim(won=False, reason="claimed by another delivery")
-    return Claim(won=True, attempt=attempts + 1, history=list(row["history"] or []),
-                 started_at=now, max_attempts=row["max_attempts"])
+    if state in CLAIMABLE_STATES:
+        return Claim(won=False, reason="claimed by another delivery")
+    why = "running under a live lease" if state == TaskState.STARTED else f"already {state}"
+    return Claim(won=False, reason=why)
 
 
 def count_duplicate_delivery(task_id: str) -> None:
@@ -90,26 +100,40 @@ def count_duplicate_delivery(task_id: str) -> None:
         duplicate_deliveries=F("duplicate_deliveries") + 1)
 
 
-def _claim_unrecorded(task_id: str, task_name: str, worker: str, now: datetime,
-                      rerun_after_lost: bool) -> Claim:
+def _claim_unrecorded(task_id: str, task_name: str, worker: str, now: datetime) -> Claim:
     try:
         with transaction.atomic():
             TaskRecord.objects.create(
                 id=task_id, task_name=task_name, state=TaskState.STARTED, attempts=1,
-                worker=worker, started_at=now, adopted=True,
-                lease_expires_at=now + timedelta(seconds=app_settings.LEASE_TIMEOUT))
+                worker=worker, started_at=now, adopted=True, lease_expires_at=_lease(now))
     except IntegrityError:
-        # Another delivery recorded it first: claim against that row like any other.
-        return claim(task_id, task_name=task_name, worker=worker,
-                     rerun_after_lost=rerun_after_lost)
-    return Claim(won=True, attempt=1, started_at=now)
+        return Claim(won=False, reason="recorded by another delivery meanwhile")
+    return Claim(won=True, worker=worker, started_at=now, attempt=1)
 
 
-def _history_entry(claimed: Claim, worker: str, outcome: str, now: datetime,
+def _held_by(task_id: str, claimed: Claim) -> TaskRecordQuerySet:
+    """The row, if this claim still holds it (same worker, same start)."""
+    return TaskRecord.objects.filter(id=task_id, worker=claimed.worker,
+                                     started_at=claimed.started_at)
+
+
+def load_attempt(task_id: str, claimed: Claim) -> Claim:
+    """Fill in the claim's attempt number, the row's attempt limit and its history."""
+    if claimed.attempt is None:
+        row = TaskRecord.objects.filter(id=task_id).values(
+            "attempts", "max_attempts", "history").first()
+        if row is not None:
+            claimed.attempt = row["attempts"]
+            claimed.max_attempts = row["max_attempts"]
+            claimed.history = list(row["history"] or [])
+    return claimed
+
+
+def _history_entry(claimed: Claim, outcome: str, now: datetime,
                    error: str = "") -> dict[str, Any]:
     entry = {
         "attempt": claimed.attempt,
-        "worker": worker,
+        "worker": claimed.worker,
         "started_at": claimed.started_at.isoformat() if claimed.started_at else None,
         "finished_at": now.isoformat(),
         "outcome": outcome,
@@ -133,42 +157,50 @@ def _error_fields(exc: BaseException, tb: str | None) -> dict[str, str]:
     }
 
 
-def record_success(task_id: str, claimed: Claim, worker: str) -> bool:
-    """SUCCESS, unless a later attempt took the row meanwhile."""
-    now = timezone.now()
-    entry = _history_entry(claimed, worker, TaskState.SUCCESS, now)
-    return TaskRecord.objects.filter(id=task_id, attempts=claimed.attempt).transition(
+def record_success(task_id: str, claimed: Claim) -> bool:
+    """SUCCESS, unless another attempt took the row meanwhile (one UPDATE).
+
+    A successful attempt is described by the row itself (worker, started_at, finished_at,
+    attempts); the history keeps the attempts that did not succeed.
+    """
+    return _held_by(task_id, claimed).transition(
         (TaskState.STARTED, TaskState.RETRY, TaskState.LOST, TaskState.QUEUED),
-        state=TaskState.SUCCESS, finished_at=now, lease_expires_at=None, next_attempt_at=None,
-        history=_bounded(claimed.history, entry),
+        state=TaskState.SUCCESS, finished_at=timezone.now(), lease_expires_at=None,
+        next_attempt_at=None,
     ) == 1
 
 
-def record_failure(task_id: str, claimed: Claim, worker: str, exc: BaseException,
+def record_failure(task_id: str, claimed: Claim, exc: BaseException,
                    tb: str | None = None) -> bool:
     """FAILURE (dead, waiting for a human), from this attempt's STARTED only."""
     now = timezone.now()
+    load_attempt(task_id, claimed)
     errors = _error_fields(exc, tb)
-    entry = _history_entry(claimed, worker, TaskState.FAILURE, now,
+    entry = _history_entry(claimed, TaskState.FAILURE, now,
                            f"{errors['error_type']}: {errors['error_message']}")
-    return TaskRecord.objects.filter(id=task_id, attempts=claimed.attempt).transition(
+    return _held_by(task_id, claimed).transition(
         (TaskState.STARTED,),
         state=TaskState.FAILURE, finished_at=now, lease_expires_at=None, next_attempt_at=None,
         history=_bounded(claimed.history, entry), **errors,
     ) == 1
 
 
-def record_retry(task_id: str, claimed: Claim, worker: str, exc: BaseException | None,
-                 next_attempt_at: datetime, tb: str | None = None) -> bool:
-    """RETRY at ``next_attempt_at``, from this attempt's STARTED only."""
+def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
+                 next_attempt_at: datetime, tb: str | None = None,
+                 **call_changes: Any) -> bool:
+    """RETRY at ``next_attempt_at``, from this attempt's STARTED only.
+
+    ``call_changes`` (``eta``, ``args``, ``kwargs``) describe the next attempt's call.
+    """
     now = timezone.now()
+    load_attempt(task_id, claimed)
     errors = _error_fields(exc, tb) if exc is not None else {}
     summary = f"{errors['error_type']}: {errors['error_message']}" if errors else ""
-    entry = _history_entry(claimed, worker, TaskState.RETRY, now, summary)
-    return TaskRecord.objects.filter(id=task_id, attempts=claimed.attempt).transition(
+    entry = _history_entry(claimed, TaskState.RETRY, now, summary)
+    return _held_by(task_id, claimed).transition(
         (TaskState.STARTED,),
         state=TaskState.RETRY, next_attempt_at=next_attempt_at, lease_expires_at=None,
-        history=_bounded(claimed.history, entry), **errors,
+        history=_bounded(claimed.history, entry), **errors, **call_changes,
     ) == 1
 
 

@@ -9,13 +9,14 @@ nothing. A failed publish leaves the rows PENDING for the sweeper and never rais
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Celery
 from celery.canvas import Signature
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, transaction
 from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -24,7 +25,7 @@ from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
 from reliable_tasks.models import TaskRecord
-from reliable_tasks.payload import stored_size, to_stored
+from reliable_tasks.payload import to_stored, to_stored_sized
 from reliable_tasks.publisher import send_records
 from reliable_tasks.states import TaskState
 
@@ -98,9 +99,9 @@ def build_record(
         raise PayloadError(f"args of {name} must be a list or tuple, not {type(args).__name__}")
     if not isinstance(kwargs, Mapping):
         raise PayloadError(f"kwargs of {name} must be a mapping, not {type(kwargs).__name__}")
-    stored_args = to_stored(list(args), f"args of {name}")
-    stored_kwargs = to_stored(dict(kwargs), f"kwargs of {name}")
-    size = stored_size(stored_args, stored_kwargs)
+    stored_args, args_size = to_stored_sized(list(args), f"args of {name}")
+    stored_kwargs, kwargs_size = to_stored_sized(dict(kwargs), f"kwargs of {name}")
+    size = args_size + kwargs_size
     if size > app_settings.MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"args and kwargs of {name} are {size} bytes of JSON, more than "
@@ -202,13 +203,23 @@ def dispatch_many(calls: Iterable[Any]) -> list[TaskRecord]:
     return records
 
 
+class _WaitingHooks(threading.local):
+    """Per thread and database alias: the publish hooks registered and not yet run."""
+
+    def __init__(self) -> None:
+        self.by_alias: dict[str, list[_PublishHook]] = {}
+
+
+_waiting = _WaitingHooks()
+
+
 class _PublishHook:
     """After-commit hook of one ``dispatch`` call.
 
-    The first hook of a commit also takes the records of every other ``_PublishHook`` still
-    waiting in the connection's commit hooks (they belong to the same committed transaction:
-    Django drops the hooks of rolled-back savepoints before it runs any), so a transaction's
-    tasks go out in one batch. The hooks it took become no-ops.
+    The first hook to run after a commit takes the records of every other hook still waiting
+    on its thread and alias, keeps those whose rows exist (they committed; rows of rolled-back
+    savepoints or transactions do not), and publishes them all in one batch. The hooks it took
+    become no-ops when Django runs them.
     """
 
     __slots__ = ("records", "done", "using")
@@ -217,23 +228,24 @@ class _PublishHook:
         self.records = records
         self.done = False
         self.using = using
+        _waiting.by_alias.setdefault(using, []).append(self)
 
     def __call__(self) -> None:
         if self.done:
             return
-        batch = self._take_waiting_hooks()
-        publish_records(batch)
-
-    def _take_waiting_hooks(self) -> list[TaskRecord]:
+        waiting = _waiting.by_alias.pop(self.using, [])
+        others = [hook for hook in waiting if hook is not self and not hook.done]
         self.done = True
         batch = list(self.records)
-        waiting = getattr(connections[self.using], "run_on_commit", None) or []
-        for entry in waiting:
-            hook = entry[1] if isinstance(entry, tuple) and len(entry) > 1 else None
-            if isinstance(hook, _PublishHook) and not hook.done:
+        if others:
+            for hook in others:
                 hook.done = True
-                batch.extend(hook.records)
-        return batch
+            candidates = [record for hook in others for record in hook.records]
+            committed = set(TaskRecord.objects.using(self.using)
+                            .filter(pk__in=[record.pk for record in candidates])
+                            .values_list("pk", flat=True))
+            batch.extend(record for record in candidates if record.pk in committed)
+        publish_records(batch)
 
 
 def publish_on_commit(records: list[TaskRecord]) -> None:

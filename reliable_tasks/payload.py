@@ -17,17 +17,26 @@ from reliable_tasks.exceptions import PayloadError
 
 def to_stored(value: Any, what: str) -> Any:
     """Return ``value`` as plain JSON for the ledger; raise ``PayloadError`` if it cannot be."""
+    return to_stored_sized(value, what)[0]
+
+
+def to_stored_sized(value: Any, what: str) -> tuple[Any, int]:
+    """``to_stored`` and the size in bytes of the JSON text.
+
+    Values made only of JSON's own types are stored as they are (one ``json.dumps``); others go
+    through Celery's serializer, which tags datetimes, UUIDs and Decimals.
+    """
     try:
-        return json.loads(kombu_json.dumps(value))
+        return value, len(json.dumps(value, separators=(",", ":")))
+    except (TypeError, ValueError):
+        pass
+    try:
+        text = kombu_json.dumps(value)
     except (TypeError, ValueError) as exc:
         raise PayloadError(f"{what} must be JSON-serializable: {exc}") from exc
+    return json.loads(text), len(text)
 
 
 def from_stored(value: Any) -> Any:
     """Inverse of ``to_stored``: restore tagged datetimes, UUIDs and Decimals."""
     return kombu_json.loads(json.dumps(value))
-
-
-def stored_size(*values: Any) -> int:
-    """Size in bytes of the JSON text of ``values``."""
-    return sum(len(json.dumps(value, separators=(",", ":"))) for value in values)

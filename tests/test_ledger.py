@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from reliable_tasks import adoption, ledger
@@ -52,7 +53,7 @@ def test_a_finished_task_cannot_be_claimed(state):
 def test_a_late_started_event_never_regresses_a_success():
     row = make_row()
     won = claim(row)
-    assert ledger.record_success(str(row.id), won, "w1")
+    assert ledger.record_success(str(row.id), won)
 
     late = claim(row, "w2")
     adoption.adopt_started(row.id, row.task_name, "w3")
@@ -68,10 +69,11 @@ def test_an_outcome_of_a_stale_attempt_is_ignored():
     TaskRecord.objects.filter(pk=row.pk).update(
         lease_expires_at=timezone.now() - timedelta(seconds=1))
     fresh = claim(row, "w2", rerun_after_lost=True)
-    assert fresh.won and fresh.attempt == 2
+    assert fresh.won
+    assert ledger.load_attempt(str(row.id), fresh).attempt == 2
 
-    assert not ledger.record_failure(str(row.id), stale, "w1", ValueError("late"))
-    assert ledger.record_success(str(row.id), fresh, "w2")
+    assert not ledger.record_failure(str(row.id), stale, ValueError("late"))
+    assert ledger.record_success(str(row.id), fresh)
     row.refresh_from_db()
     assert (row.state, row.worker, row.error_type) == (TaskState.SUCCESS, "w2", "")
 
@@ -123,28 +125,23 @@ def test_the_attempt_history_is_bounded(settings):
     for attempt in range(5):
         won = claim(row, f"w{attempt}")
         due = timezone.now()
-        assert ledger.record_retry(str(row.id), won, f"w{attempt}", ValueError(attempt), due)
+        assert ledger.record_retry(str(row.id), won, ValueError(attempt), due)
 
     row.refresh_from_db()
     assert [entry["worker"] for entry in row.history] == ["w2", "w3", "w4"]
     assert row.attempts == 5
 
 
-def test_a_claim_wins_even_if_the_publisher_marks_the_row_queued_meanwhile():
-    row = make_row(TaskState.PENDING)
-    interleaved = []
+@pytest.mark.parametrize("state", [TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY])
+def test_a_claim_wins_from_every_claimable_state_in_one_update(state):
+    """One conditional UPDATE over all claimable states: the publisher marking the row QUEUED
+    at the same moment cannot make the claim lose."""
+    row = make_row(state)
 
-    def publisher_confirms_right_after_the_claims_read(execute, sql, params, many, context):
-        result = execute(sql, params, many, context)
-        if sql.lstrip().upper().startswith("SELECT") and not interleaved:
-            interleaved.append(sql)
-            TaskRecord.objects.filter(pk=row.pk).update(state=TaskState.QUEUED)
-        return result
-
-    with connection.execute_wrapper(publisher_confirms_right_after_the_claims_read):
+    with CaptureQueriesContext(connection) as queries:
         result = claim(row)
 
-    assert interleaved, "the publisher's UPDATE ran between the claim's read and write"
     assert result.won
+    assert len(queries.captured_queries) == 1
     row.refresh_from_db()
-    assert row.state == TaskState.STARTED
+    assert (row.state, row.attempts) == (TaskState.STARTED, 1)

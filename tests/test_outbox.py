@@ -217,3 +217,21 @@ def test_long_countdowns_are_held_in_the_database_not_in_redis(redis_server, set
     assert held.state == TaskState.PENDING and held.next_attempt_at == held.eta
     assert soon.state == TaskState.QUEUED
     assert queue_length(redis_server) == 1, "only the short countdown went to Redis"
+
+
+def test_a_transactions_tasks_are_published_in_one_batch_and_marked_in_one_update(
+        redis_server):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as queries, transaction.atomic():
+        for i in range(10):
+            dispatch(add, (i, i))
+        with pytest.raises(RuntimeError), transaction.atomic():
+            dispatch(add, (99, 99))
+            raise RuntimeError("this savepoint rolls back")
+
+    updates = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert len(updates) == 1, updates
+    assert queue_length(redis_server) == 10
+    assert TaskRecord.objects.filter(state=TaskState.QUEUED).count() == 10
