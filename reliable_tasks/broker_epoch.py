@@ -27,7 +27,7 @@ class EpochCheck:
 
     changed: bool
     run_id: str | None = None
-    previous_checked_at: datetime | None = None
+    previous_since: datetime | None = None
 
 
 def check_broker_epoch(now: datetime) -> EpochCheck:
@@ -45,11 +45,10 @@ def record_epoch(name: str, run_id: str, now: datetime) -> EpochCheck:
     known = BrokerEpoch.objects.filter(name=name).first()
     if known is None:
         BrokerEpoch.objects.get_or_create(
-            name=name, defaults={"run_id": run_id, "seen_since": now, "checked_at": now})
+            name=name, defaults={"run_id": run_id, "seen_since": now})
         return EpochCheck(changed=False, run_id=run_id)
     if known.run_id == run_id:
-        BrokerEpoch.objects.filter(name=name, run_id=run_id).update(checked_at=now)
         return EpochCheck(changed=False, run_id=run_id)
     won = BrokerEpoch.objects.filter(name=name, run_id=known.run_id).update(
-        run_id=run_id, seen_since=now, checked_at=now)
-    return EpochCheck(changed=won == 1, run_id=run_id, previous_checked_at=known.checked_at)
+        run_id=run_id, seen_since=now)
+    return EpochCheck(changed=won == 1, run_id=run_id, previous_since=known.seen_since)

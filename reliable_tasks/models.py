@@ -169,7 +169,6 @@ class TaskRecord(models.Model):
 
     class Meta:
         verbose_name = "task record"
-        ordering = ["-created_at"]
         permissions = [("retry_taskrecord", "Can retry tasks")]
         indexes = [
             models.Index(fields=["state", "created_at"], name="rt_task_state_created"),
@@ -179,6 +178,11 @@ class TaskRecord(models.Model):
             models.Index(fields=["created_at"], name="rt_task_created"),
             models.Index(fields=["finished_at"], name="rt_task_finished"),
             models.Index(fields=["root_id"], name="rt_task_root"),
+            # The sweeper's publish queue, ordered by due time across both states. Partial
+            # where the database has partial indexes (MySQL/MariaDB fall back to the
+            # (state, next_attempt_at) index).
+            models.Index(fields=["next_attempt_at"], name="rt_task_due",
+                         condition=Q(state__in=["PENDING", "RETRY"], adopted=False)),
         ]
         constraints = [
             models.UniqueConstraint(fields=["schedule", "scheduled_for"],
@@ -228,7 +232,6 @@ class BrokerEpoch(models.Model):
     name = models.CharField(max_length=100, primary_key=True)
     run_id = models.CharField(max_length=64)
     seen_since = models.DateTimeField(default=timezone.now)
-    checked_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         verbose_name = "broker epoch"

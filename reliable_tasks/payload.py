@@ -39,4 +39,15 @@ def to_stored_sized(value: Any, what: str) -> tuple[Any, int]:
 
 def from_stored(value: Any) -> Any:
     """Inverse of ``to_stored``: restore tagged datetimes, UUIDs and Decimals."""
+    if not _has_tags(value):
+        return value
     return kombu_json.loads(json.dumps(value))
+
+
+def _has_tags(value: Any) -> bool:
+    """Whether ``value`` holds a kombu-tagged object anywhere."""
+    if isinstance(value, dict):
+        return "__type__" in value or any(_has_tags(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_has_tags(item) for item in value)
+    return False

@@ -93,30 +93,60 @@ def close_publisher() -> None:
     _reset_local()
 
 
-def _send_one(app: Celery, producer: Producer, record: TaskRecord) -> None:
+class _BatchContext:
+    """What one batch looks up once: each task's registration and defaults, declared queues."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.tasks: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self.declared: set[str] = set()
+        self.reply_to = app.thread_oid
+        self.sent_event = app.conf.task_send_sent_event
+
+    def task(self, name: str) -> tuple[Any, dict[str, Any]]:
+        """The task registered as ``name`` and its non-empty execution options."""
+        if name not in self.tasks:
+            task_type = find_task(self.app, name)
+            defaults = {} if task_type is None else {
+                key: value for key, value in task_type._get_exec_options().items()
+                if value is not None}
+            self.tasks[name] = (task_type, defaults)
+        return self.tasks[name]
+
+    def declare_once(self, options: dict[str, Any]) -> None:
+        """Let Celery declare a queue for the first message of the batch that uses it only."""
+        queue = options.get("queue")
+        name = getattr(queue, "name", queue)
+        if name in self.declared:
+            options["declare"] = []
+        elif name:
+            self.declared.add(name)
+
+
+def _send_one(batch: _BatchContext, producer: Producer, record: TaskRecord) -> None:
+    app = batch.app
     options: dict[str, Any] = from_stored(record.options) if record.options else {}
-    task_type = find_task(app, record.task_name)
+    task_type, defaults = batch.task(record.task_name)
     message_arguments = {key: options.pop(key) for key in _MESSAGE_ARGUMENTS if key in options}
     # Celery's request.retries counts the runs before this one, whoever re-published it.
     message_arguments["retries"] = record.attempts
     if task_type is not None:
-        for key, value in task_type._get_exec_options().items():
-            if value is not None:
-                options.setdefault(key, value)
+        for key, value in defaults.items():
+            options.setdefault(key, value)
         options.pop("expires", None)
         message_arguments.setdefault("time_limit", options.pop("time_limit", None))
         message_arguments.setdefault("soft_time_limit", options.pop("soft_time_limit", None))
-    options = app.amqp.router.route(
-        options, record.task_name, record.args, record.kwargs, task_type)
+    args, kwargs = from_stored(record.args), from_stored(record.kwargs)
+    options = app.amqp.router.route(options, record.task_name, args, kwargs, task_type)
+    batch.declare_once(options)
     link = message_arguments.pop("link", None)
     link_error = message_arguments.pop("link_error", None)
     message = app.amqp.create_task_message(
-        str(record.id), record.task_name,
-        from_stored(record.args), from_stored(record.kwargs),
+        str(record.id), record.task_name, args, kwargs,
         eta=record.eta, expires=record.expires_at,
         callbacks=_as_list(link), errbacks=_as_list(link_error),
-        reply_to=options.pop("reply_to", None) or app.thread_oid,
-        create_sent_event=app.conf.task_send_sent_event,
+        reply_to=options.pop("reply_to", None) or batch.reply_to,
+        create_sent_event=batch.sent_event,
         root_id=str(record.root_id) if record.root_id else None,
         parent_id=str(record.parent_id) if record.parent_id else None,
         **message_arguments,
@@ -137,9 +167,10 @@ def send_records(app: Celery, records: Sequence[TaskRecord]) -> None:
     When this raises, delivery of the batch is uncertain: some messages may have reached Redis.
     Callers leave such rows PENDING; the worker's claim makes a second delivery harmless.
     """
+    batch = _BatchContext(app)
     with producer_for(app) as producer, producer.batch(max_size=max(len(records), 1)):
         for record in records:
-            _send_one(app, producer, record)
+            _send_one(batch, producer, record)
 
 
 def broker_run_id(app: Celery) -> str:

@@ -77,7 +77,7 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
     if epoch.changed:
         report.broker_changed = True
         report.requeued_after_broker_loss = requeue_after_broker_loss(
-            epoch.previous_checked_at or now, now, batch_size, budget)
+            epoch.previous_since or now, now, batch_size, budget)
     report.published, report.publish_failed = publish_due_rows(now, batch_size, budget)
     report.schedules_pushed = push_marked(batch_size).pushed if budget.left() else 0
     report.pruned = prune_finished(now, batch_size, budget)

@@ -237,7 +237,7 @@ def test_the_paginator_estimates_a_large_unfiltered_table_on_postgresql(root, mo
         cursor.execute(f"ANALYZE {connection.ops.quote_name(TaskRecord._meta.db_table)}")
     monkeypatch.setattr(EstimatedCountPaginator, "exact_count_limit", 10)
 
-    unfiltered = EstimatedCountPaginator(TaskRecord.objects.all(), 5)
+    unfiltered = EstimatedCountPaginator(TaskRecord.objects.order_by("-created_at"), 5)
     with CaptureQueriesContext(connection) as queries:
         estimate = unfiltered.count
     filtered = EstimatedCountPaginator(TaskRecord.objects.filter(task_name="demo.add"), 5)
@@ -254,7 +254,7 @@ def test_a_small_table_is_counted_exactly():
     for _ in range(4):
         make_record()
 
-    paginator = EstimatedCountPaginator(TaskRecord.objects.all(), 2)
+    paginator = EstimatedCountPaginator(TaskRecord.objects.order_by("-created_at"), 2)
 
     assert (paginator.count, paginator.count_is_exact, paginator.num_pages) == (4, True, 2)
 

@@ -44,6 +44,7 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
     list_display = ("short_id", "task_name", "state_badge", "attempts", "created_at",
                     "run_time", "worker", "last_error")
     list_display_links = ("short_id",)
+    ordering = ("-created_at",)
     list_filter = ("state", TaskNameListFilter, QueueListFilter,
                    ("created_at", admin.DateFieldListFilter))
     # Sorting by a column without an index would sort the whole table on each page view.
