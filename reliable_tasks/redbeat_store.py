@@ -287,3 +287,8 @@ def remove(app: Celery, names: Iterable[str]) -> int:
 def entry_class() -> type[RedBeatSchedulerEntry]:
     """RedBeat's entry class (for the beat scheduler)."""
     return RedBeatSchedulerEntry
+
+
+def lock_key(app: Celery) -> str:
+    """The key of RedBeat's beat lock (read only: this app never writes or deletes it)."""
+    return str(ensure_conf(app).lock_key)
