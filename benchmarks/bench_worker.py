@@ -9,6 +9,8 @@ hash means every write is done. Variants, interleaved in rounds, medians reporte
 - ``plain``: ``demo.plain_noop``, worker with ``RELIABLE_TASKS_ADOPT=0`` (the baseline).
 - ``ledger``: ``demo.noop``, a ``ReliableTask`` (claim + SUCCESS write per task), sent with
   ``dispatch_many``; every row must end SUCCESS.
+- ``ledger-async``: the same with ``RELIABLE_TASKS_WORKER_SYNCHRONOUS_COMMIT = False``
+  (PostgreSQL commits the worker's ledger writes without waiting for the disk).
 - ``django-db``: ``demo.plain_noop_result``, its result stored by django-celery-results,
   worker with ``RELIABLE_TASKS_ADOPT=0``.
 
@@ -144,6 +146,10 @@ VARIANTS = (
                   {"RELIABLE_TASKS_ADOPT": "0"}, expect_nothing_recorded),
     WorkerVariant("ledger", "noop (ReliableTask, ledger)", enqueue_reliable,
                   {"RELIABLE_TASKS_ADOPT": "1"}, expect_ledger_success, goal=0.5),
+    WorkerVariant("ledger-async", "noop, ledger, synchronous_commit off", enqueue_reliable,
+                  {"RELIABLE_TASKS_ADOPT": "1",
+                   "RELIABLE_TASKS_WORKER_SYNCHRONOUS_COMMIT": "false"},
+                  expect_ledger_success, goal=0.5),
     WorkerVariant("django-db", "plain_noop_result, django-db", enqueue_plain(
         "demo.plain_noop_result"), {"RELIABLE_TASKS_ADOPT": "0"}, expect_results_stored),
 )

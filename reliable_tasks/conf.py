@@ -61,6 +61,10 @@ SPECS: dict[str, SettingSpec] = {
     "MISSED_RUN_GRACE": SettingSpec(
         60, (int, float), "A periodic run later than this many seconds is missed (beat or "
         "Redis was down) and follows its schedule's catch-up policy.", minimum=0),
+    "WORKER_SYNCHRONOUS_COMMIT": SettingSpec(
+        True, (bool,), "False: on PostgreSQL, workers' ledger writes (claim, outcome, "
+        "heartbeat) commit without waiting for the disk (synchronous_commit=off): faster, but "
+        "a PostgreSQL crash can lose the last fraction of a second of them."),
     "ADOPT": SettingSpec(
         True, (bool,), "Record tasks sent with plain Celery (no ReliableTask) from signals."),
 }
@@ -136,6 +140,10 @@ class ReliableTasksSettings:
     @property
     def MISSED_RUN_GRACE(self) -> float:
         return float(self._get("MISSED_RUN_GRACE"))
+
+    @property
+    def WORKER_SYNCHRONOUS_COMMIT(self) -> bool:
+        return bool(self._get("WORKER_SYNCHRONOUS_COMMIT"))
 
     @property
     def ADOPT(self) -> bool:

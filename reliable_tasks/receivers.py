@@ -93,6 +93,18 @@ def on_task_revoked(sender: Any = None, request: Any = None, expired: bool = Fal
         logger.warning("recording the revocation of %s failed", task_id, exc_info=True)
 
 
+_in_worker: dict[str, bool] = {}
+
+
+def on_connection_created(sender: Any = None, connection: Any = None, **_: Any) -> None:
+    """In a worker, honour ``WORKER_SYNCHRONOUS_COMMIT = False`` for each new connection."""
+    if (_in_worker.get("worker") and connection is not None
+            and connection.vendor == "postgresql"
+            and not app_settings.WORKER_SYNCHRONOUS_COMMIT):
+        with connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO OFF")
+
+
 def on_worker_init(sender: Any = None, **_: Any) -> None:
     """Keep database connections between tasks unless the project chose otherwise.
 
@@ -102,6 +114,7 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     fixup's worker part the default instead. Broken or expired connections are still closed
     after each task (``on_task_postrun``).
     """
+    _in_worker["worker"] = True  # inherited by the pool processes forked later
     app = getattr(sender, "app", None)
     for fixup in getattr(app, "_fixups", None) or ():
         worker_fixup = getattr(fixup, "worker_fixup", None)
@@ -168,8 +181,11 @@ def connect() -> None:
 
 
 def _connect_schedule_hooks() -> None:
+    from django.db.backends.signals import connection_created
     from django.db.models.signals import post_delete, post_save
 
+    connection_created.connect(on_connection_created,
+                               dispatch_uid="reliable_tasks.on_connection_created")
     from reliable_tasks.models import PeriodicSchedule
     from reliable_tasks.sync import on_schedule_deleted, on_schedule_saved
 

@@ -173,3 +173,18 @@ def test_workers_keep_their_database_connection_between_tasks(redis_server, cele
     server_sessions = set(Execution.objects.filter(token__startswith="session-")
                           .values_list("pid", flat=True))
     assert len(server_sessions) <= 2, f"{len(server_sessions)} connections for 40 tasks"
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a PostgreSQL setting")
+@pytest.mark.parametrize("env, expected", [
+    ({}, "on"),
+    ({"RELIABLE_TASKS_WORKER_SYNCHRONOUS_COMMIT": "false"}, "off"),
+])
+def test_workers_commit_ledger_writes_without_waiting_for_the_disk_only_when_asked(
+        redis_server, celery_worker, env, expected):
+    celery_worker(redis_server, env=env)
+
+    row = dispatch("demo.db_setting", ("commit", "synchronous_commit"))
+    wait_for(lambda: state_of(row.id) == TaskState.SUCCESS, what="SUCCESS")
+
+    assert Execution.objects.filter(token=f"commit:{expected}").count() == 1

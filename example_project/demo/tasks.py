@@ -74,6 +74,17 @@ def db_session(self: ReliableTask, token: str) -> int:
     return session_id
 
 
+@shared_task(bind=True, base=ReliableTask, name="demo.db_setting")
+def db_setting(self: ReliableTask, token: str, name: str) -> str:
+    """Log ``<token>:<value>`` of a PostgreSQL setting as this worker's connection sees it."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting(%s)", [name])
+        value = str(cursor.fetchone()[0])
+    Execution.objects.create(token=f"{token}:{value}", task_id=self.request.id or "",
+                             pid=os.getpid())
+    return value
+
+
 @shared_task(bind=True, name="demo.plain_record")
 def plain_record(self, token: str) -> str:  # noqa: ANN001 - plain Celery task, no ReliableTask
     """The same as ``record`` but a plain Celery task: adopted into the ledger from signals."""
