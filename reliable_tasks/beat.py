@@ -14,6 +14,8 @@ Use it as ``beat_scheduler = "reliable_tasks.beat:ReliableRedBeatScheduler"`` (o
   saved schedule takes effect within 5 s;
 - a lost lock (another beat took it, or a failover lost the key) or an unreachable Redis is
   logged plainly and waited out; it never crashes the beat;
+- it notices a new RedBeat Redis (restarted empty, or failed over: a new run id) and restores
+  the app's entries from the database at once;
 - it installs the sweeper's own entry (``reliable_tasks.sweep`` every ``SWEEP_INTERVAL``).
 """
 

@@ -25,7 +25,7 @@ from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
 from reliable_tasks.models import TaskRecord
-from reliable_tasks.payload import to_stored, to_stored_sized
+from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import send_records
 from reliable_tasks.states import TaskState
 
@@ -291,8 +291,9 @@ def _mark_queued(ids: list[Any]) -> None:
     PostgreSQL it commits with ``synchronous_commit = off`` (this transaction only), which
     spares the caller a flush to disk.
     """
+    relaxed = connection.vendor == "postgresql" and not connection.in_atomic_block
     with transaction.atomic():
-        if connection.vendor == "postgresql":
+        if relaxed:  # never relax a caller's own transaction
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
         TaskRecord.objects.filter(id__in=ids).transition(
@@ -314,8 +315,7 @@ def _record_publish_failure(ids: list[Any], exc: Exception) -> None:
 
 
 def _run_eagerly(app: Celery, records: Sequence[TaskRecord]) -> int:
-    from reliable_tasks.payload import from_stored
-
+    """``task_always_eager``: run each task here and now, through its claim, like a worker."""
     for record in records:
         app.tasks[record.task_name].apply(
             args=from_stored(record.args), kwargs=from_stored(record.kwargs),

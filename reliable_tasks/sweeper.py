@@ -8,7 +8,8 @@ One pass:
    backoff. Each batch is taken with one conditional UPDATE stamped with the pass's token
    (after ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it), so concurrent
    sweepers never publish the same row twice;
-4. prunes finished rows older than ``RETENTION``.
+4. pushes schedules whose last change did not reach RedBeat;
+5. prunes finished rows older than ``RETENTION``.
 """
 
 from __future__ import annotations

@@ -235,3 +235,21 @@ def test_a_transactions_tasks_are_published_in_one_batch_and_marked_in_one_updat
     assert len(updates) == 1, updates
     assert queue_length(redis_server) == 10
     assert TaskRecord.objects.filter(state=TaskState.QUEUED).count() == 10
+
+
+def test_eager_mode_runs_the_task_after_commit_through_its_claim(redis_server):
+    from example_project.celery import app
+    from example_project.demo.models import Execution
+
+    app.conf.task_always_eager = True
+    try:
+        with transaction.atomic():
+            row = dispatch(record, ("eager",))
+            assert Execution.objects.count() == 0, "not before commit"
+    finally:
+        app.conf.task_always_eager = False
+
+    row.refresh_from_db()
+    assert row.state == TaskState.SUCCESS
+    assert Execution.objects.filter(token="eager").count() == 1
+    assert queue_length(redis_server) == 0
