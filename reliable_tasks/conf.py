@@ -67,6 +67,9 @@ SPECS: dict[str, SettingSpec] = {
         "a PostgreSQL crash can lose the last fraction of a second of them."),
     "ADOPT": SettingSpec(
         True, (bool,), "Record tasks sent with plain Celery (no ReliableTask) from signals."),
+    "METRICS_TOKEN": SettingSpec(
+        None, (str, type(None)), "Bearer token that may read the metrics view besides staff "
+        "sessions (Authorization: Bearer <token>); None: staff sessions only."),
 }
 
 
@@ -148,6 +151,11 @@ class ReliableTasksSettings:
     @property
     def ADOPT(self) -> bool:
         return bool(self._get("ADOPT"))
+
+    @property
+    def METRICS_TOKEN(self) -> str | None:
+        value = self._get("METRICS_TOKEN")
+        return str(value) if value else None
 
 
 app_settings = ReliableTasksSettings()

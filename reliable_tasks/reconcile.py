@@ -89,7 +89,7 @@ class _State:
 def _read_state(progress: Progress) -> _State:
     """The database first (so an unreachable database fails before Redis is touched)."""
     schedules = {redbeat_store.entry_name(s.pk): s
-                 for s in PeriodicSchedule.objects.enabled().iterator(chunk_size=2000)}
+                 for s in PeriodicSchedule.objects.enabled()}
     specs = {name: spec_for(schedule) for name, schedule in schedules.items()}
     app = get_celery_app()
     names = sorted(set(specs) | set(redbeat_store.owned_entry_names(app)))

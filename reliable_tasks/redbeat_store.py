@@ -114,13 +114,22 @@ def spec_from_options(task: str, options: dict[str, Any]) -> ScheduleSpec | None
 
 @dataclass(frozen=True)
 class StoredEntry:
-    """An owned entry as read from Redis."""
+    """An owned entry as read from Redis (its meta is decoded on first use)."""
 
     name: str
     definition: str | None
-    last_run_at: datetime | None
-    total_run_count: int
+    meta: str | None
     score: float | None
+
+    @property
+    def last_run_at(self) -> datetime | None:
+        """The entry's last run (slot), or None."""
+        return decode_meta(self.meta)[0]
+
+    @property
+    def total_run_count(self) -> int:
+        """How many runs RedBeat counted."""
+        return decode_meta(self.meta)[1]
 
 
 def entry_name(schedule_id: int) -> str:
@@ -180,20 +189,17 @@ def read_entries(app: Celery, names: Sequence[str]) -> dict[str, StoredEntry]:
     if not names:
         return {}
     redis = client(app)
-    schedule_key = _schedule_key(app)
+    keys = [_key(app, name) for name in names]
     with redis.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.hmget(_key(app, name), "definition", "meta")
-            pipe.zscore(schedule_key, _key(app, name))
-        replies = pipe.execute()
+        for key in keys:
+            pipe.hmget(key, "definition", "meta")
+        pipe.zmscore(_schedule_key(app), keys)
+        *fields, scores = pipe.execute()
     entries: dict[str, StoredEntry] = {}
-    for index, name in enumerate(names):
-        (definition, meta), score = replies[2 * index], replies[2 * index + 1]
+    for name, (definition, meta), score in zip(names, fields, scores, strict=True):
         if definition is None and meta is None and score is None:
             continue
-        last_run_at, total = decode_meta(meta)
-        entries[name] = StoredEntry(name=name, definition=definition, last_run_at=last_run_at,
-                                    total_run_count=total, score=score)
+        entries[name] = StoredEntry(name=name, definition=definition, meta=meta, score=score)
     return entries
 
 
