@@ -29,8 +29,13 @@ faults: install
 lint: install
 	$(VENV)/bin/ruff check reliable_tasks tests example_project benchmarks
 
+# Each benchmark prints its table; the million-row ones share a database of their own.
+LARGE_BENCH_DB ?= postgres://postgres@127.0.0.1:5432/reliable_tasks_bench_large
 bench: install
 	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_reconcile
+	DATABASE_URL=$(LARGE_BENCH_DB) $(PY) -m benchmarks.bench_sweeper
+	DATABASE_URL=$(LARGE_BENCH_DB) $(PY) -m benchmarks.bench_admin
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
