@@ -59,10 +59,10 @@ class PeriodicScheduleForm(forms.ModelForm):
     """Add or change a schedule: one timing out of interval, crontab and one-off time."""
 
     task = forms.ChoiceField(
-        label=gettext_lazy("task"),
+        label=gettext_lazy("Task"),
         help_text=gettext_lazy("A task registered with the project's Celery app."))
     timezone = forms.ChoiceField(
-        label=gettext_lazy("time zone"), required=False,
+        label=gettext_lazy("Time zone"), required=False,
         help_text=gettext_lazy("The crontab's IANA time zone."))
 
     class Meta:
@@ -84,8 +84,10 @@ class PeriodicScheduleForm(forms.ModelForm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fields["task"].choices = task_choices(self.instance.task or "")
-        self.fields["timezone"].choices = timezone_choices(self.instance.timezone or "")
+        task, zone = self.fields["task"], self.fields["timezone"]
+        assert isinstance(task, forms.ChoiceField) and isinstance(zone, forms.ChoiceField)
+        task.choices = task_choices(self.instance.task or "")
+        zone.choices = timezone_choices(self.instance.timezone or "")
 
     def clean_args(self) -> Any:
         """An empty field is no arguments."""

@@ -305,7 +305,8 @@ def _check_memory_policies(health: HealthReport, app: Any, redbeat_up: bool) -> 
 def _broker_policy(app: Any) -> tuple[str | None, str]:
     """The broker's policy, through the publisher's bounded connection (kombu's client)."""
     with producer_for(app) as producer:
-        return read_memory_policy(producer.connection.default_channel.client)
+        connection: Any = producer.connection
+        return read_memory_policy(connection.default_channel.client)
 
 
 def _memory_policy(health: HealthReport, role: str, url: str,
@@ -436,7 +437,8 @@ def hourly_activity(hours: int = 24, now: datetime | None = None) -> list[HourAc
             .annotate(succeeded=Count("pk", filter=Q(state=TaskState.SUCCESS)),
                       failed=Count("pk", filter=Q(state=TaskState.FAILURE)),
                       retried=Count("pk", filter=Q(attempts__gt=1))))
-    found = {row["hour"].astimezone(UTC): row for row in rows}
+    found: dict[datetime, dict[str, Any]] = {row["hour"].astimezone(UTC): dict(row)
+                                             for row in rows}
     buckets = []
     for index in range(hours):
         start = first + timedelta(hours=index)

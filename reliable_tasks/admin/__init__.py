@@ -14,6 +14,7 @@ Importing this package (Django's admin autodiscovery does) registers both on the
 from django.contrib import admin
 
 from reliable_tasks.admin.mixins import ReadOnlyAdminMixin, TaskRetryAdminMixin
+from reliable_tasks.admin.schedules import PeriodicScheduleAdmin  # noqa: F401 - registers it
 from reliable_tasks.admin.task_record import TaskRecordAdmin
 from reliable_tasks.admin.workers import WorkerHeartbeatAdmin
 from reliable_tasks.models import TaskRecord, WorkerHeartbeat

@@ -223,13 +223,16 @@ class RedBeatColumnsMixin(_Base):
             attach_entries([obj])
         return getattr(obj, _ENTRY), getattr(obj, _ENTRY_ERROR)
 
-    def _unknown(self, obj: PeriodicSchedule) -> SafeString | str | None:
-        """What to show instead of a time when there is none to show."""
+    def _unknown(self, obj: PeriodicSchedule, *, flag_missing: bool) -> SafeString | str | None:
+        """What to show instead of a time when there is none to show.
+
+        An enabled schedule without an entry is flagged (``flag_missing``) in one column only.
+        """
         entry, error = self._entry(obj)
         if error:
             return format_html('<span title="{}">?</span>', error)
-        if entry is None:
-            if obj.enabled:
+        if entry is None or entry.definition is None:  # a score alone is no entry
+            if obj.enabled and flag_missing:
                 return widgets.badge(_("not in RedBeat"), _ERROR_COLOR, key="missing")
             return self.get_empty_value_display()
         return None
@@ -237,7 +240,7 @@ class RedBeatColumnsMixin(_Base):
     @admin.display(description=gettext_lazy("next run"))
     def next_run(self, obj: PeriodicSchedule) -> SafeString | str:
         """When RedBeat will run the schedule next (the entry's score)."""
-        unknown = self._unknown(obj)
+        unknown = self._unknown(obj, flag_missing=True)
         if unknown is not None:
             return unknown
         entry, _error = self._entry(obj)
@@ -248,7 +251,7 @@ class RedBeatColumnsMixin(_Base):
     @admin.display(description=gettext_lazy("last run"))
     def last_run(self, obj: PeriodicSchedule) -> SafeString | str:
         """The slot RedBeat last ran (shown once the entry has run at least once)."""
-        unknown = self._unknown(obj)
+        unknown = self._unknown(obj, flag_missing=False)
         if unknown is not None:
             return unknown
         entry, _error = self._entry(obj)
@@ -266,12 +269,14 @@ def _require(allowed: bool) -> None:
 
 
 def _report_unsynced(request: HttpRequest, ids: list[int]) -> None:
-    """Say which of the schedules ``ids`` RedBeat has not seen yet (their push failed)."""
+    """Say how many of the schedules ``ids`` RedBeat has not seen yet (their push failed)."""
     behind = PeriodicSchedule.objects.filter(pk__in=ids).needing_sync().count()
     if behind:
         messages.warning(request, ngettext(
-            "%(count)d schedule is not in RedBeat yet; the sweeper pushes it again.",
-            "%(count)d schedules are not in RedBeat yet; the sweeper pushes them again.",
+            "RedBeat has not seen the change of %(count)d schedule yet; the sweeper pushes it "
+            "again.",
+            "RedBeat has not seen the change of %(count)d schedules yet; the sweeper pushes "
+            "them again.",
             behind) % {"count": behind})
 
 
@@ -390,6 +395,7 @@ class ScheduleActionsMixin(_Base):
 # --- the admin -----------------------------------------------------------------------------------
 
 
+@admin.register(PeriodicSchedule)
 class PeriodicScheduleAdmin(HealthAdminMixin, RedBeatColumnsMixin, ScheduleActionsMixin,
                             admin.ModelAdmin):
     """Create and edit schedules, see when RedBeat runs them, run or push them by hand."""
