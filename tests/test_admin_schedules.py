@@ -24,7 +24,7 @@ from example_project.celery import app as celery_app
 from example_project.demo.models import Execution
 from reliable_tasks import redbeat_store
 from reliable_tasks.admin import schedules as schedule_admin
-from reliable_tasks.admin.schedules import describe_timing
+from reliable_tasks.admin.phrases import describe_timing
 from reliable_tasks.forms import PeriodicScheduleForm, task_choices
 from reliable_tasks.models import PeriodicSchedule, TaskRecord
 from reliable_tasks.states import TaskState
