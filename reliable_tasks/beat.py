@@ -52,6 +52,10 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
     max_interval = 5
     #: How often a standby beat tries to take the lock.
     standby_interval = 1.0
+    # Set by RedBeat's __init__ (its classes are untyped); declared for the type checker.
+    lock_key: str | None
+    lock_name: str | None
+    lock: Any
 
     def __init__(self, app: Any, lock_key: str | None = None,
                  lock_timeout: float | None = None, **kwargs: Any) -> None:

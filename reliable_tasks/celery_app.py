@@ -17,7 +17,8 @@ def get_celery_app() -> Celery:
     path = app_settings.CELERY_APP
     if path:
         return import_string(path)
-    return current_app._get_current_object()
+    app: Celery = current_app._get_current_object()  # type: ignore[attr-defined]
+    return app
 
 
 def find_task(app: Celery, name: str) -> Any | None:

@@ -89,18 +89,19 @@ class ReliableTask(DjangoTask):
         record = dispatch(self, args, kwargs, task_id=task_id, **options)
         return self.AsyncResult(str(record.pk))
 
-    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:
+    def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Record now, in the current transaction; the outbox publishes on commit."""
         dispatch(self, args, kwargs)
 
-    def apply_async_on_commit(self, *args: Any, **kwargs: Any) -> None:
+    def apply_async_on_commit(  # type: ignore[override]
+            self, *args: Any, **kwargs: Any) -> None:
         """Same as ``apply_async``: the outbox already publishes on commit."""
         self.apply_async(*args, **kwargs)
 
     # -- worker side --------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        request = self.request
+        request: Any = self.request  # Celery's Context takes the claim along
         if request.called_directly:
             return self.run(*args, **kwargs)
         claimed = self._claim(request)
@@ -131,8 +132,10 @@ class ReliableTask(DjangoTask):
                 raise exc
             raise self.MaxRetriesExceededError(
                 f"{self.name}[{self.request.id}] used its {attempt} attempts")
-        self.request.reliable_retry = exc if exc is not None else Retry()
-        return super().retry(args=args, kwargs=kwargs, exc=exc, throw=throw, eta=eta,
+        request: Any = self.request
+        request.reliable_retry = exc if exc is not None else Retry()
+        return super().retry(args=args, kwargs=kwargs, exc=exc,  # type: ignore[arg-type]
+                             throw=throw, eta=eta,
                              countdown=countdown, max_retries=max_retries, **options)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:

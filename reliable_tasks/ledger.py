@@ -208,7 +208,8 @@ def record_revoked(task_id: str, *, expired: bool) -> bool:
     """REVOKED (or EXPIRED) from any state in which the task has not finished."""
     now = timezone.now()
     if expired:
-        from_states = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY)
+        from_states: tuple[TaskState, ...] = (TaskState.PENDING, TaskState.QUEUED,
+                                              TaskState.RETRY)
         new_state = TaskState.EXPIRED
     else:
         from_states = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.STARTED)

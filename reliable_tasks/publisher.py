@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Connection, Producer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.sentinel import SentinelConnectionPool
 
 from reliable_tasks.celery_app import find_task
 from reliable_tasks.conf import app_settings
@@ -34,11 +37,18 @@ _MESSAGE_ARGUMENTS = (
 )
 
 
+#: Seconds a publisher connection may stay idle before, behind Sentinel, the master it talks to
+#: is checked again with the sentinels: a master that hung meanwhile and was replaced by a
+#: failover still accepts writes until the sentinels demote it, and loses them then.
+SENTINEL_RECHECK_AFTER = 1.0
+
+
 class _ThreadPublisher(threading.local):
     connection: Connection | None = None
     producer: Producer | None = None
     pid: int = 0
     broker_url: str = ""
+    last_used: float = 0.0
 
 
 _local = _ThreadPublisher()
@@ -81,9 +91,30 @@ def producer_for(app: Celery) -> Iterator[Producer]:
         connection = _bounded_connection(app)
         _local.connection = connection
         _local.producer = app.amqp.Producer(connection, auto_declare=False)
+    elif time.monotonic() - _local.last_used > SENTINEL_RECHECK_AFTER:
+        _recheck_sentinel_master(_local.producer)
     try:
         yield _local.producer
     except BaseException:
+        _reset_local()
+        raise
+    finally:
+        _local.last_used = time.monotonic()
+
+
+def _recheck_sentinel_master(producer: Producer) -> None:
+    """Behind Sentinel, ask the sentinels for the master; on a change, drop the old sockets.
+
+    redis-py's ``SentinelConnectionPool.get_master_address()`` disconnects the pool's idle
+    connections when the master moved, so the publish that follows goes to the new one. A
+    failure (no master during a failover) drops this thread's connection.
+    """
+    pool = getattr(producer.channel, "pool", None)
+    if not isinstance(pool, SentinelConnectionPool):
+        return
+    try:
+        pool.get_master_address()
+    except Exception:
         _reset_local()
         raise
 
@@ -168,13 +199,23 @@ def send_records(app: Celery, records: Sequence[TaskRecord]) -> None:
     Callers leave such rows PENDING; the worker's claim makes a second delivery harmless.
     """
     batch = _BatchContext(app)
-    with producer_for(app) as producer, producer.batch(max_size=max(len(records), 1)):
+    with producer_for(app) as producer, producer.batch(  # type: ignore[attr-defined]
+            max_size=max(len(records), 1)):
         for record in records:
             _send_one(batch, producer, record)
 
 
 def broker_run_id(app: Celery) -> str:
-    """The run id of the Redis server behind the broker (changes on restart and failover)."""
-    with producer_for(app) as producer:
-        client = producer.connection.default_channel.client
-        return str(client.info("server")["run_id"])
+    """The run id of the Redis master behind the broker (changes on restart and failover).
+
+    A connection that reaches a replica (a master demoted by a failover: it keeps its run id)
+    is dropped and the question asked again over a new one, which finds the current master.
+    """
+    for _ in range(2):
+        with producer_for(app) as producer:
+            client = producer.connection.default_channel.client  # type: ignore[union-attr]
+            run_id = str(client.info("server")["run_id"])
+            if client.info("replication").get("role") == "master":
+                return run_id
+        _reset_local()
+    raise RedisConnectionError("the broker connection reaches a replica, not the master")

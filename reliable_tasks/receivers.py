@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import signals
+from celery.utils.dispatch import Signal
 from django.db import connections
 
 from reliable_tasks import adoption, ledger
@@ -163,7 +165,7 @@ def on_worker_shutdown(**_: Any) -> None:
 
 def connect() -> None:
     """Connect every receiver once (``dispatch_uid`` makes this idempotent)."""
-    pairs = [
+    pairs: list[tuple[Signal, Callable[..., Any]]] = [
         (signals.after_task_publish, on_after_task_publish),
         (signals.task_prerun, on_task_prerun),
         (signals.task_success, on_task_success),

@@ -21,6 +21,7 @@ from django.utils import timezone
 from reliable_tasks import redbeat_store
 from reliable_tasks.celery_app import get_celery_app
 from reliable_tasks.conf import app_settings
+from reliable_tasks.metrics import observe_reconcile
 from reliable_tasks.models import PeriodicSchedule, TaskRecord
 from reliable_tasks.sweeper import SweepReport, sweep
 from reliable_tasks.sync import mark_synced, spec_for
@@ -189,4 +190,6 @@ def reconcile(*, dry_run: bool = False, schedules: bool = True, ledger: bool = T
         if lock is not None and lock.owned():
             lock.release()
     report.seconds = time.monotonic() - started
+    if not dry_run:
+        observe_reconcile(report)
     return report

@@ -27,6 +27,7 @@ from django.utils import timezone
 from reliable_tasks.broker_epoch import check_broker_epoch
 from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
+from reliable_tasks.metrics import observe_sweep
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.outbox import publish_records
 from reliable_tasks.states import TaskState
@@ -83,6 +84,7 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
     report.schedules_pushed = push_marked(batch_size).pushed if budget.left() else 0
     report.pruned = prune_finished(now, batch_size, budget)
     report.seconds = time.monotonic() - started
+    observe_sweep(report)
     if any((report.expired_leases_retried, report.expired_leases_lost, report.broker_changed,
             report.published, report.publish_failed, report.schedules_pushed, report.pruned)):
         logger.info("sweep: %s", report.as_dict())

@@ -137,7 +137,7 @@ def test_a_standby_beat_takes_over_within_30_seconds(redis_server, celery_worker
     active = celery_beat(redis_server, env=BEAT_ENV)
     standby = celery_beat(redis_server, env=BEAT_ENV)
     wait_for(lambda: succeeded(schedule) >= 1, 40, "a first run")
-    assert "standing by" in standby.log_text()
+    wait_for(lambda: "standing by" in standby.log_text(), 10, "the standby to stand by")
 
     active.kill_all()
     killed_at = time.monotonic()

@@ -81,7 +81,7 @@ class TaskRetryAdminMixin(_Base):
         can_retry = (obj is not None and getattr(obj, "state", None) in RETRYABLE_STATES
                      and self.has_retry_permission(request, obj))
         context["can_retry_task"] = can_retry
-        if can_retry:
+        if can_retry and obj is not None:
             opts = self.opts
             url = reverse(f"admin:{opts.app_label}_{opts.model_name}_retry",
                           args=(quote(obj.pk),), current_app=self.admin_site.name)

@@ -6,7 +6,7 @@ posts here with the CSRF token. A GET is answered 405, a user without the retry 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import messages
 from django.contrib.admin.templatetags.admin_urls import add_preserved_filters
@@ -53,7 +53,7 @@ def retry_task(request: HttpRequest, *, model_admin: TaskRetryAdminMixin,
     return HttpResponseRedirect(_change_url(request, model_admin, record.pk))
 
 
-def _change_url(request: HttpRequest, model_admin: TaskRetryAdminMixin, pk: object) -> str:
+def _change_url(request: HttpRequest, model_admin: TaskRetryAdminMixin, pk: Any) -> str:
     """The task's detail page, keeping the changelist filters the user came with."""
     opts = model_admin.opts
     url = reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=(quote(pk),),

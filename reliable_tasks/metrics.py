@@ -1,0 +1,410 @@
+"""Prometheus metrics of the ledger, the schedules, the sweeper and the reconciliation.
+
+Numbers come from two places, chosen for a deployment of many processes on many hosts:
+
+- **Counts and ages are read from the database at scrape time** (``LedgerCollector``). The
+  database is the shared truth: every web process answers the same, whichever worker did the
+  work, and nothing has to be aggregated across processes.
+- **Durations of sweeper passes and reconciliations** happen in whatever process ran them (a
+  worker's pool process, a beat, a ``manage.py`` run in a job). ``observe_sweep()`` and
+  ``observe_reconcile()`` add each one to a small hash in the broker's Redis
+  (``<ENTRY_PREFIX>metrics:sweep`` and ``<ENTRY_PREFIX>metrics:reconcile``), which every
+  scrape reads. Prometheus' multiprocess mode would not do: it aggregates the processes of one
+  host that share a directory, while the sweeper runs on the worker hosts and ``/metrics`` is
+  served by the web hosts. These are observations, not truth: if Redis loses them the counters
+  restart from zero, which Prometheus' ``rate()`` handles as a counter reset.
+
+Recording never fails or blocks its caller for long: one pipelined round trip over a fresh
+connection bounded by ``RELIABLE_TASKS_PUBLISH_TIMEOUT``; an error is logged and dropped.
+
+``prometheus-client`` (the ``metrics`` extra) is needed only to expose the numbers; recording
+works without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from celery import Celery
+from django.db.models import Count, F, Min, Q, Sum
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
+
+from reliable_tasks.celery_app import get_celery_app
+from reliable_tasks.conf import app_settings
+from reliable_tasks.models import PeriodicSchedule, TaskRecord, WorkerHeartbeat
+from reliable_tasks.states import TaskState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.registry import Collector, CollectorRegistry
+
+logger = logging.getLogger(__name__)
+
+#: How long the durations' hashes outlive their last update (a removed app leaves nothing).
+STORE_TTL = 30 * 24 * 3600
+SWEEP_KEY = "metrics:sweep"
+RECONCILE_KEY = "metrics:reconcile"
+#: Actions of a reconciliation plan, as labels of ``reliable_tasks_reconcile_last_drift``.
+DRIFT_ACTIONS = ("create", "update", "remove")
+
+
+# --- a bounded client of the broker's Redis -----------------------------------------------------
+
+
+@contextmanager
+def broker_redis(app: Celery | None = None, timeout: float | None = None) -> Iterator[Any]:
+    """Yield a Redis client of the broker over a fresh connection; close it afterwards.
+
+    Connecting, each command and the whole connection attempt are bounded by ``timeout``
+    (default ``RELIABLE_TASKS_PUBLISH_TIMEOUT``), with no retries, so a down or hung Redis
+    fails fast. Kombu opens it, so every broker URL kombu understands (``redis://``,
+    ``rediss://``, ``sentinel://``, Unix sockets) works, with the app's transport options.
+    """
+    app = app or get_celery_app()
+    timeout = app_settings.PUBLISH_TIMEOUT if timeout is None else timeout
+    connection = app.connection_for_write(
+        connect_timeout=timeout,
+        transport_options={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry_on_timeout": False,
+            "max_retries": 0,
+        },
+    )
+    try:
+        channel: Any = connection.default_channel  # kombu's Redis channel (typed as StdChannel)
+        yield channel.client
+    finally:
+        try:
+            connection.release()
+        except Exception:  # noqa: BLE001 - the connection is thrown away anyway
+            logger.debug("closing a probe connection to the broker failed", exc_info=True)
+
+
+def _key(name: str) -> str:
+    return f"{app_settings.ENTRY_PREFIX}{name}"
+
+
+# --- recording durations (called by the sweeper and the reconciliation) -------------------------
+
+
+class SweepOutcome(Protocol):
+    """What ``observe_sweep`` reads of a ``reliable_tasks.sweeper.SweepReport``."""
+
+    @property
+    def seconds(self) -> float: ...
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
+class ReconcileOutcome(Protocol):
+    """What ``observe_reconcile`` reads of a ``reliable_tasks.reconcile.ReconcileReport``."""
+
+    @property
+    def dry_run(self) -> bool: ...
+
+    @property
+    def skipped_busy(self) -> bool: ...
+
+    @property
+    def seconds(self) -> float: ...
+
+    @property
+    def created(self) -> int: ...
+
+    @property
+    def updated(self) -> int: ...
+
+    @property
+    def removed(self) -> int: ...
+
+    @property
+    def plan(self) -> object | None: ...
+
+
+def _record(key: str, increments: Mapping[str, float], values: Mapping[str, float]) -> None:
+    """Add ``increments`` to and set ``values`` in the hash ``key``; log and drop any error."""
+    try:
+        with broker_redis() as client, client.pipeline(transaction=True) as pipe:
+            for name, amount in increments.items():
+                if isinstance(amount, int):
+                    pipe.hincrby(key, name, amount)
+                else:
+                    pipe.hincrbyfloat(key, name, amount)
+            if values:
+                pipe.hset(key, mapping=dict(values))
+            pipe.expire(key, STORE_TTL)
+            pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - metrics must never fail the work they measure
+        logger.warning("could not record metrics in the broker's Redis (%s): %r", key, exc)
+
+
+def observe_sweep(report: SweepOutcome) -> None:
+    """Record one sweeper pass: its duration, and the rows each step handled (counters)."""
+    increments: dict[str, float] = {"count": 1, "seconds_sum": float(report.seconds)}
+    for name, value in report.as_dict().items():
+        if isinstance(value, bool):
+            increments[f"events:{name}"] = int(value)
+        elif isinstance(value, int):
+            increments[f"rows:{name}"] = value
+    _record(_key(SWEEP_KEY), increments,
+            {"last_seconds": float(report.seconds), "last_at": time.time()})
+
+
+def observe_reconcile(report: ReconcileOutcome) -> None:
+    """Record one real reconciliation: its duration, and the drift it found and repaired.
+
+    Dry runs (``--dry-run``, ``--check``, the admin's preview) write nothing anywhere, this
+    included; a run skipped because another one held the lock did nothing.
+    """
+    if report.dry_run or report.skipped_busy:
+        return
+    now = time.time()
+    values: dict[str, float] = {"last_seconds": float(report.seconds), "last_at": now}
+    if report.plan is not None:
+        values.update({"drift:create": report.created, "drift:update": report.updated,
+                       "drift:remove": report.removed, "drift_at": now})
+    _record(_key(RECONCILE_KEY), {"count": 1, "seconds_sum": float(report.seconds)}, values)
+
+
+def _decode(raw: Mapping[Any, Any]) -> dict[str, float]:
+    def text(value: Any) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return {text(name): float(text(value)) for name, value in raw.items()}
+
+
+def read_observations() -> tuple[dict[str, float], dict[str, float]] | None:
+    """The sweep and reconcile hashes, or None if the broker's Redis did not answer."""
+    try:
+        with broker_redis() as client, client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(_key(SWEEP_KEY))
+            pipe.hgetall(_key(RECONCILE_KEY))
+            sweep, reconcile = pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - the scrape goes on without them
+        logger.warning("could not read the sweeper's metrics from the broker's Redis: %r", exc)
+        return None
+    return _decode(sweep), _decode(reconcile)
+
+
+# --- reading the database ----------------------------------------------------------------------
+
+
+def oldest_pending_age(now: datetime | None = None) -> float | None:
+    """Seconds the longest-waiting PENDING task has been publishable, or None if none is.
+
+    A task waits from its creation, or from its ETA when it was held in the database for a
+    long delay; a held task whose ETA is still ahead is not waiting. Served by the
+    ``(state, created_at)`` index: only PENDING rows are read.
+    """
+    now = now or timezone.now()
+    since = (TaskRecord.objects.filter(state=TaskState.PENDING)
+             .filter(Q(eta__isnull=True) | Q(eta__lte=now))
+             .order_by()
+             .aggregate(since=Min(Greatest("created_at", Coalesce("eta", "created_at"))))
+             ["since"])
+    return max((now - since).total_seconds(), 0.0) if since is not None else None
+
+
+def drifted_schedules() -> int:
+    """Schedules whose latest revision RedBeat has not seen (``synced_revision < revision``)."""
+    return PeriodicSchedule.objects.needing_sync().order_by().count()
+
+
+def live_workers(now: datetime | None = None) -> int:
+    """Workers whose heartbeat is fresh (``WorkerHeartbeat.is_alive()``, in one query)."""
+    now = now or timezone.now()
+    fresh_since = now - timedelta(seconds=app_settings.LEASE_TIMEOUT)
+    return WorkerHeartbeat.objects.filter(
+        stopped_at__isnull=True, last_seen_at__gt=fresh_since).order_by().count()
+
+
+@dataclass
+class TaskCounts:
+    """Per task name and state: rows, retries (runs after the first), duplicate deliveries."""
+
+    rows: dict[tuple[str, str], int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
+
+
+def task_counts() -> TaskCounts:
+    """One grouped aggregate over the ledger (the rows kept per ``RETENTION``)."""
+    counts = TaskCounts()
+    rows = (TaskRecord.objects.order_by().values("task_name", "state")
+            .annotate(row_count=Count("pk"), attempt_sum=Sum("attempts"),
+                      ran_count=Count("pk", filter=Q(attempts__gte=1)),
+                      duplicate_sum=Sum("duplicate_deliveries")))
+    for row in rows:
+        name = row["task_name"]
+        counts.rows[(name, row["state"])] = row["row_count"]
+        # A row that ran n times was retried n - 1 times; subtracting in Python keeps the
+        # SQL free of unsigned arithmetic (MySQL's PositiveIntegerField).
+        retries = (row["attempt_sum"] or 0) - row["ran_count"]
+        counts.retries[name] = counts.retries.get(name, 0) + retries
+        counts.duplicates[name] = counts.duplicates.get(name, 0) + (row["duplicate_sum"] or 0)
+    return counts
+
+
+# --- the collector -----------------------------------------------------------------------------
+
+
+class LedgerCollector:
+    """A Prometheus collector that reads the database (and the durations' hashes) per scrape.
+
+    Register it in any ``CollectorRegistry`` (``registry()`` builds one with it alone); a scrape
+    runs a handful of queries: one grouped aggregate over the ledger, the oldest pending row
+    (PENDING rows only), counts of schedules and workers, and one Redis round trip.
+    """
+
+    def __init__(self, now: Callable[[], datetime] = timezone.now,
+                 observations: bool = True) -> None:
+        self._now = now
+        self._observations = observations
+
+    def describe(self) -> list[Metric]:
+        """Nothing: registering must not query the database."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Read everything and yield the metric families."""
+        now = self._now()
+        yield from self._tasks()
+        yield from self._health(now)
+        if self._observations:
+            yield from self._durations(read_observations())
+
+    def _tasks(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        counts = task_counts()
+        rows = GaugeMetricFamily(
+            "reliable_tasks_tasks", "Rows in the task ledger, by task name and state.",
+            labels=["task", "state"])
+        for (name, state), number in sorted(counts.rows.items()):
+            rows.add_metric([name, state], number)
+        yield rows
+        yield GaugeMetricFamily(
+            "reliable_tasks_lost_tasks",
+            "Tasks in the LOST state: their worker died and they may not re-run by themselves.",
+            value=sum(n for (_, state), n in counts.rows.items() if state == TaskState.LOST))
+        retries = GaugeMetricFamily(
+            "reliable_tasks_task_retries",
+            "Runs after the first, summed over the rows kept in the ledger, by task name.",
+            labels=["task"])
+        duplicates = GaugeMetricFamily(
+            "reliable_tasks_duplicate_deliveries",
+            "Deliveries suppressed by the claim (the task had finished or was running), "
+            "summed over the rows kept in the ledger, by task name.", labels=["task"])
+        for name in sorted(counts.retries):
+            retries.add_metric([name], counts.retries[name])
+            duplicates.add_metric([name], counts.duplicates[name])
+        yield retries
+        yield duplicates
+
+    def _health(self, now: datetime) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "reliable_tasks_oldest_pending_age_seconds",
+            "Seconds the longest-waiting PENDING task has been publishable (0 if none).",
+            value=oldest_pending_age(now) or 0.0)
+        schedules = PeriodicSchedule.objects.order_by().aggregate(
+            enabled_count=Count("pk", filter=Q(enabled=True)),
+            disabled_count=Count("pk", filter=Q(enabled=False)),
+            drifted_count=Count("pk", filter=Q(synced_revision__lt=F("revision"))))
+        family = GaugeMetricFamily("reliable_tasks_schedules", "Periodic schedules.",
+                                   labels=["enabled"])
+        family.add_metric(["true"], schedules["enabled_count"])
+        family.add_metric(["false"], schedules["disabled_count"])
+        yield family
+        yield GaugeMetricFamily(
+            "reliable_tasks_schedules_drifted",
+            "Schedules whose latest revision was not pushed to RedBeat yet "
+            "(synced_revision < revision); the sweeper and reconcile_tasks repair them.",
+            value=schedules["drifted_count"])
+        yield GaugeMetricFamily(
+            "reliable_tasks_workers_alive", "Workers whose heartbeat is fresh.",
+            value=live_workers(now))
+
+    def _durations(self, observed: tuple[dict[str, float], dict[str, float]] | None,
+                   ) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily(
+            "reliable_tasks_metrics_store_up",
+            "1 if the sweeper's and reconcile's durations could be read from the broker's "
+            "Redis for this scrape.", value=0 if observed is None else 1)
+        if observed is None:
+            return
+        sweep, reconcile = observed
+        yield from _run_families("sweep", "sweeper pass", sweep)
+        yield from _sweep_counters(sweep)
+        yield from _run_families("reconcile", "reconciliation (reconcile_tasks)",
+                                 reconcile)
+        if "drift_at" in reconcile:
+            drift = GaugeMetricFamily(
+                "reliable_tasks_reconcile_last_drift",
+                "RedBeat entries the latest reconciliation found drifted and created, updated "
+                "or removed.", labels=["action"])
+            for action in DRIFT_ACTIONS:
+                drift.add_metric([action], reconcile.get(f"drift:{action}", 0.0))
+            yield drift
+            yield GaugeMetricFamily(
+                "reliable_tasks_reconcile_last_drift_timestamp_seconds",
+                "When the latest reconciliation that compared schedules ran (Unix time).",
+                value=reconcile["drift_at"])
+
+
+def _run_families(name: str, what: str, data: Mapping[str, float]) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
+
+    yield SummaryMetricFamily(
+        f"reliable_tasks_{name}_duration_seconds", f"Duration of each {what}, in seconds.",
+        count_value=int(data.get("count", 0)), sum_value=data.get("seconds_sum", 0.0))
+    if "last_at" in data:
+        yield GaugeMetricFamily(
+            f"reliable_tasks_{name}_last_duration_seconds",
+            f"Duration of the latest {what}, in seconds.", value=data["last_seconds"])
+        yield GaugeMetricFamily(
+            f"reliable_tasks_{name}_last_run_timestamp_seconds",
+            f"When the latest {what} ended (Unix time).", value=data["last_at"])
+
+
+def _sweep_counters(data: Mapping[str, float]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    rows = CounterMetricFamily(
+        "reliable_tasks_sweep_rows",
+        "Rows the sweeper handled, by step (published, publish_failed, expired_leases_retried, "
+        "expired_leases_lost, requeued_after_broker_loss, schedules_pushed, pruned).",
+        labels=["step"])
+    events = CounterMetricFamily(
+        "reliable_tasks_sweep_events", "Sweeper passes that saw an event, by event "
+        "(broker_changed: the broker's Redis lost its data).", labels=["event"])
+    for name, value in sorted(data.items()):
+        kind, _, label = name.partition(":")
+        if kind == "rows":
+            rows.add_metric([label], value)
+        elif kind == "events":
+            events.add_metric([label], value)
+    yield rows
+    yield events
+
+
+def registry(collector: LedgerCollector | None = None) -> CollectorRegistry:
+    """A registry holding the app's collector alone (what the ``/metrics`` view exposes)."""
+    from prometheus_client import CollectorRegistry
+
+    result = CollectorRegistry(auto_describe=False)
+    # Duck-typed (no subclass of prometheus_client's Collector: importing this module must
+    # not need prometheus-client).
+    result.register(cast("Collector", collector or LedgerCollector()))
+    return result
