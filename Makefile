@@ -23,11 +23,15 @@ demo: install
 test: install
 	$(PY) -m pytest -W error $(PYTEST_ARGS)
 
+# Fault scenarios at full scale, plain Celery vs reliable_tasks, as one table (about 10 min).
+# The same scenarios at the test suite's scale: make test PYTEST_ARGS='-m faults'.
 faults: install
-	$(PY) -m pytest -W error -m faults $(PYTEST_ARGS)
+	$(PY) -m benchmarks.faults $(FAULTS_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check reliable_tasks tests example_project benchmarks
+	$(VENV)/bin/ruff check reliable_tasks tests example_project benchmarks noxfile.py
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # Each benchmark prints its table; the million-row ones share a database of their own.
 LARGE_BENCH_DB ?= postgres://postgres@127.0.0.1:5432/reliable_tasks_bench_large

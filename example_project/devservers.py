@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self
@@ -366,6 +366,7 @@ class RedisServer:
             cli = subprocess.Popen(
                 [find_redis_cli(), "-h", LOOPBACK, "-p", str(self.port)]
                 + ["DEBUG", "SLEEP", f"{seconds:g}"],
+                env=self._cli_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -393,6 +394,7 @@ class RedisServer:
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
             decode_responses=decode_responses,
+            **self._auth_kwargs(),
         )
 
     def flush(self) -> None:
@@ -423,7 +425,21 @@ class RedisServer:
         if _redis_major_version(self.binary) >= 7:
             # Redis 7 disables DEBUG (needed by pause()) by default; 6.2 always allows it.
             argv += ["--enable-debug-command", "local"]
-        return argv
+        return argv + self._extra_args()
+
+    # Hooks for subclasses (``TopologyRedisServer``): more arguments and credentials.
+
+    def _extra_args(self) -> list[str]:
+        """Arguments added after the standard ones (none here)."""
+        return []
+
+    def _auth_kwargs(self) -> dict[str, Any]:
+        """Credentials of this process' own redis-py clients (none here)."""
+        return {}
+
+    def _cli_env(self) -> dict[str, str] | None:
+        """Environment of ``redis-cli`` (None: this process' own)."""
+        return None
 
     def _wait_ready(self, child: _Child, port: int) -> bool:
         """Wait until ``child`` answers on ``port``; False if it exited or another server did."""
@@ -435,6 +451,7 @@ class RedisServer:
                 socket_timeout=0.5,
                 socket_connect_timeout=0.5,
                 retry=Retry(NoBackoff(), 0),
+                **self._auth_kwargs(),
             )
             try:
                 with probe:
@@ -461,6 +478,517 @@ class RedisServer:
                 cli.kill()
                 cli.wait()
         self._pauses.clear()
+
+
+# --- Redis Sentinel -------------------------------------------------------------------------------
+
+#: The name the sentinels of a ``SentinelTopology`` monitor their master under.
+DEFAULT_MASTER_NAME = "rt-master"
+
+
+class TopologyRedisServer(RedisServer):
+    """A ``redis-server`` of a ``SentinelTopology``: optionally password-protected, and started
+    as a replica of the master on ``replica_of`` when that is set.
+
+    ``restart()`` starts it empty and as a master (``replica_of`` is cleared by the topology), as
+    a crashed master's host would: its sentinels then turn it into a replica of the new master.
+    """
+
+    def __init__(
+        self,
+        *,
+        password: str | None = None,
+        replica_of: int | None = None,
+        binary: str | None = None,
+        data_dir: Path | str | None = None,
+    ) -> None:
+        """Prepare the server; ``replica_of`` is the port of its master on 127.0.0.1."""
+        super().__init__(binary=binary, data_dir=data_dir)
+        self.password = password
+        self.replica_of = replica_of
+
+    def __repr__(self) -> str:
+        return f"<TopologyRedisServer port={self._port} pid={self.pid}>"
+
+    def _extra_args(self) -> list[str]:
+        # A replica's full sync starts at once (Redis waits 5 s for more replicas by default).
+        args = ["--repl-diskless-sync-delay", "0"]
+        if self.password is not None:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replica_of is not None:
+            args += ["--replicaof", LOOPBACK, str(self.replica_of)]
+        return args
+
+    def _auth_kwargs(self) -> dict[str, Any]:
+        return {"password": self.password} if self.password is not None else {}
+
+    def _cli_env(self) -> dict[str, str] | None:
+        if self.password is None:
+            return None
+        return {**os.environ, "REDISCLI_AUTH": self.password}
+
+    def replication(self) -> dict[str, Any]:
+        """``INFO replication`` of the server (``role`` is ``master`` or ``slave``)."""
+        with self.client() as client:
+            return client.info("replication")
+
+
+class SentinelServer:
+    """One ``redis-server --sentinel`` on 127.0.0.1 monitoring ``master_name``.
+
+    Its configuration file lives in ``data_dir`` (a sentinel rewrites it as it learns the
+    topology). Started, stopped and killed by PID, like ``RedisServer``.
+    """
+
+    def __init__(
+        self,
+        master_name: str,
+        master_port: int,
+        *,
+        quorum: int,
+        down_after_ms: int,
+        failover_timeout_ms: int,
+        data_dir: Path,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        """Prepare a sentinel of the master on ``master_port``; ``password`` is the master's."""
+        self.binary = str(Path(binary).resolve()) if binary else find_redis_server()
+        self.master_name = master_name
+        self.master_port = master_port
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.data_dir = Path(data_dir)
+        self.startup_timeout = startup_timeout
+        self._port: int | None = None
+        self._child: _Child | None = None
+
+    def __repr__(self) -> str:
+        return f"<SentinelServer port={self._port} pid={self.pid}>"
+
+    @property
+    def port(self) -> int:
+        """The TCP port on 127.0.0.1 (fixed by ``start()``)."""
+        if self._port is None:
+            raise RuntimeError("the sentinel has not been started")
+        return self._port
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the sentinel process (None before ``start()``)."""
+        return self._child.pid if self._child is not None else None
+
+    def is_running(self) -> bool:
+        """Return whether the sentinel process is alive."""
+        return self._child is not None and not self._child.exited()
+
+    def _config(self, port: int) -> str:
+        name = self.master_name
+        lines = [
+            f"port {port}",
+            f"bind {LOOPBACK}",
+            "daemonize no",
+            f'dir "{self.data_dir}"',
+            f'logfile "{self.data_dir / f"sentinel-{port}.log"}"',
+            f"sentinel monitor {name} {LOOPBACK} {self.master_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+            f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+            f"sentinel parallel-syncs {name} 1",
+        ]
+        if self.password is not None:
+            lines.append(f"sentinel auth-pass {name} {self.password}")
+        if self.sentinel_password is not None:
+            lines += [f"requirepass {self.sentinel_password}",
+                      f"sentinel sentinel-pass {self.sentinel_password}"]
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> Self:
+        """Start the sentinel on a free port and wait until it answers (3 ports are tried)."""
+        if self.is_running():
+            raise RuntimeError(f"{self!r} is already running")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _register(self)
+        for _ in range(3):
+            port = free_port()
+            config = self.data_dir / f"sentinel-{port}.conf"
+            config.write_text(self._config(port))
+            config.chmod(0o600)
+            output = self.data_dir / f"sentinel-{port}.out"
+            child = _Child([self.binary, str(config), "--sentinel"], env=None,
+                           cwd=self.data_dir, output=output)
+            if self._wait_ready(child, port):
+                self._child, self._port = child, port
+                return self
+            child.terminate(timeout=5)
+        raise RuntimeError(f"redis-server --sentinel did not start on {LOOPBACK}")
+
+    def _wait_ready(self, child: _Child, port: int) -> bool:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline and not child.exited():
+            try:
+                with self._client_on(port, timeout=0.5) as probe:
+                    return probe.info("server")["process_id"] == child.pid
+            except (redis.ConnectionError, redis.TimeoutError):
+                time.sleep(_POLL_INTERVAL)
+        return False
+
+    def _client_on(self, port: int, timeout: float) -> redis.Redis:
+        return redis.Redis(
+            host=LOOPBACK,
+            port=port,
+            password=self.sentinel_password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=True,
+        )
+
+    def client(self, *, timeout: float = 2.0) -> redis.Redis:
+        """Return a redis-py client of this sentinel: short timeouts, no retries."""
+        return self._client_on(self.port, timeout)
+
+    def master_address(self) -> tuple[str, int] | None:
+        """``SENTINEL get-master-addr-by-name``: the master this sentinel believes in."""
+        with self.client() as client:
+            reply = client.execute_command("SENTINEL", "get-master-addr-by-name",
+                                           self.master_name)
+        if not reply:
+            return None
+        host, port = reply
+        return str(host), int(port)
+
+    def master_state(self) -> dict[str, Any]:
+        """``SENTINEL master <name>`` as a dict (flags, num-slaves, num-other-sentinels...)."""
+        with self.client() as client:
+            reply = client.execute_command("SENTINEL", "master", self.master_name)
+        if isinstance(reply, dict):
+            return reply
+        return dict(zip(reply[::2], reply[1::2], strict=True))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the sentinel, wait up to ``timeout`` s, then SIGKILL it."""
+        if self._child is not None:
+            self._child.terminate(timeout)
+        _unregister(self)
+
+    def kill(self) -> None:
+        """SIGKILL the sentinel and wait until it is gone."""
+        if self._child is not None:
+            self._child.signal(signal.SIGKILL)
+            self._child.kill_group()
+            self._child.reap()
+
+
+class SentinelTopology:
+    """A Redis master, its replicas and the sentinels watching them, all on 127.0.0.1.
+
+    Defaults: one replica, three sentinels, quorum 2, a master is down after 1 s without an
+    answer, failover timeout 3 s, so a failover completes within a few seconds. ``password``
+    protects the master and replicas (``requirepass`` and ``masterauth``), ``sentinel_password``
+    the sentinels. Every process is started and stopped by PID; ``stop()`` stops the sentinels
+    first, so that stopping the servers does not trigger a failover.
+
+    Faults: ``kill_master()`` (SIGKILL), ``hang_master(seconds)`` (``DEBUG SLEEP``),
+    ``restart(server)`` (an empty restart: the sentinels make it a replica of the current
+    master), and ``wait_for_new_master(old)`` to see the failover through.
+    """
+
+    def __init__(
+        self,
+        *,
+        master_name: str = DEFAULT_MASTER_NAME,
+        replicas: int = 1,
+        sentinels: int = 3,
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+        base_dir: Path | str | None = None,
+        binary: str | None = None,
+    ) -> None:
+        """Prepare the topology; ``base_dir`` defaults to a temporary directory."""
+        self.master_name = master_name
+        self.replica_count = replicas
+        self.sentinel_count = sentinels
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.password = password
+        self.sentinel_password = sentinel_password
+        self.binary = binary
+        self._given_dir = Path(base_dir) if base_dir is not None else None
+        self._dir: Path | None = None
+        #: The Redis servers, the first started as the master (roles change with failovers).
+        self.servers: list[TopologyRedisServer] = []
+        self.sentinels: list[SentinelServer] = []
+
+    def __repr__(self) -> str:
+        ports = [server._port for server in self.servers]
+        return f"<SentinelTopology {self.master_name} servers={ports}>"
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start the master, its replicas and the sentinels; wait until failover would work."""
+        if self.servers:
+            raise RuntimeError(f"{self!r} was already started")
+        self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="rt-sentinel-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        _register(self)
+        try:
+            master = self._new_server("redis-0", replica_of=None).start()
+            for index in range(1, self.replica_count + 1):
+                self._new_server(f"redis-{index}", replica_of=master.port).start()
+            for index in range(self.sentinel_count):
+                sentinel = SentinelServer(
+                    self.master_name, master.port, quorum=self.quorum,
+                    down_after_ms=self.down_after_ms,
+                    failover_timeout_ms=self.failover_timeout_ms,
+                    data_dir=self._dir / f"sentinel-{index}", password=self.password,
+                    sentinel_password=self.sentinel_password, binary=self.binary)
+                self.sentinels.append(sentinel.start())
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _new_server(self, name: str, replica_of: int | None) -> TopologyRedisServer:
+        assert self._dir is not None
+        server = TopologyRedisServer(password=self.password, replica_of=replica_of,
+                                     binary=self.binary, data_dir=self._dir / name)
+        self.servers.append(server)
+        return server
+
+    def stop(self) -> None:
+        """Stop the sentinels, then the servers; remove an owned directory."""
+        errors: list[Exception] = []
+        for instance in [*self.sentinels, *self.servers]:
+            try:
+                instance.stop()
+            except Exception as exc:  # stop the others first, then report every failure
+                errors.append(exc)
+        if self._dir is not None and self._given_dir is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+        _unregister(self)
+        if errors:
+            raise ExceptionGroup(f"{self!r} did not stop cleanly", errors)
+
+    # -- addresses and settings ---------------------------------------------------------------
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """``[(host, port), ...]`` of the sentinels."""
+        return [(LOOPBACK, sentinel.port) for sentinel in self.sentinels]
+
+    @property
+    def sentinels_text(self) -> str:
+        """The sentinels as ``REDIS_SENTINELS`` spells them: ``host:port,host:port``."""
+        return ",".join(f"{host}:{port}" for host, port in self.sentinel_addresses)
+
+    def env(self) -> dict[str, str]:
+        """The example project's environment variables that point it at this topology."""
+        env = {"REDIS_SENTINELS": self.sentinels_text, "REDIS_MASTER_NAME": self.master_name}
+        if self.password is not None:
+            env["REDIS_PASSWORD"] = self.password
+        if self.sentinel_password is not None:
+            env["REDIS_SENTINEL_PASSWORD"] = self.sentinel_password
+        return env
+
+    def celery_settings(self, **options: Any) -> dict[str, Any]:
+        """``reliable_tasks.sentinel.celery_settings()`` for this topology (``options`` added)."""
+        from reliable_tasks.sentinel import celery_settings
+
+        return celery_settings(self.sentinel_addresses, self.master_name,
+                               password=self.password,
+                               sentinel_password=self.sentinel_password, **options)
+
+    # -- who is the master ---------------------------------------------------------------------
+
+    def master_address(self) -> tuple[str, int]:
+        """Ask the sentinels, in turn, for the master's address; raise if none answers."""
+        problems = []
+        for sentinel in self.sentinels:
+            if not sentinel.is_running():
+                continue
+            try:
+                address = sentinel.master_address()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                problems.append(f"{sentinel!r}: {exc!r}")
+                continue
+            if address is not None:
+                return address
+        raise RuntimeError(f"no sentinel of {self!r} names a master: {problems}")
+
+    def server_on(self, port: int) -> TopologyRedisServer:
+        """The server listening on ``port``."""
+        for server in self.servers:
+            if server._port == port:
+                return server
+        raise LookupError(f"{self!r} has no server on port {port}")
+
+    def master(self) -> TopologyRedisServer:
+        """The server the sentinels currently name as the master."""
+        return self.server_on(self.master_address()[1])
+
+    def replicas(self) -> list[TopologyRedisServer]:
+        """The servers other than the current master."""
+        master = self.master()
+        return [server for server in self.servers if server is not master]
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every sentinel sees the master up, the replicas and the other sentinels,
+        and every replica is in sync with the master."""
+        deadline = time.monotonic() + timeout
+        state: dict[str, Any] = {}
+        while True:
+            try:
+                states = [sentinel.master_state() for sentinel in self.sentinels]
+                if all(self._healthy(state) for state in states) and self._replicas_synced():
+                    return
+                state = states[0]
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                state = {"error": repr(exc)}
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{self!r} not healthy within {timeout:g} s: {state}")
+            time.sleep(0.1)
+
+    def _replicas_synced(self) -> bool:
+        master_port = self.master_address()[1]
+        for server in self.servers:
+            if server.port == master_port:
+                continue
+            info = server.replication()
+            if info.get("role") != "slave" or info.get("master_link_status") != "up":
+                return False
+        return True
+
+    def _healthy(self, state: Mapping[str, Any]) -> bool:
+        flags = str(state.get("flags", ""))
+        return (
+            flags == "master"
+            and int(state.get("num-slaves", 0)) >= self.replica_count
+            and int(state.get("num-other-sentinels", 0)) >= self.sentinel_count - 1
+        )
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def kill_master(self) -> TopologyRedisServer:
+        """SIGKILL the current master (it loses everything); return it."""
+        master = self.master()
+        master.kill()
+        return master
+
+    def hang_master(self, seconds: float) -> tuple[TopologyRedisServer, subprocess.Popen[bytes]]:
+        """Hang the current master for ``seconds`` (``DEBUG SLEEP``); return it and the pause.
+
+        ``wait()`` on the returned process returns when the server answers again.
+        """
+        master = self.master()
+        return master, master.pause(seconds)
+
+    def wait_for_new_master(
+        self, old: TopologyRedisServer, timeout: float = 30.0
+    ) -> TopologyRedisServer:
+        """Wait until every running sentinel names another master and it acts as one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                addresses = {sentinel.master_address() for sentinel in self.sentinels
+                             if sentinel.is_running()}
+            except (redis.ConnectionError, redis.TimeoutError):
+                addresses = set()
+            if len(addresses) == 1:
+                (address,) = addresses
+                if address is not None and address[1] != old._port:
+                    candidate = self.server_on(address[1])
+                    with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                        if candidate.replication()["role"] == "master":
+                            return candidate
+            time.sleep(0.05)
+        raise RuntimeError(f"no new master in {self!r} within {timeout:g} s")
+
+    def restart(self, server: TopologyRedisServer) -> TopologyRedisServer:
+        """Restart ``server`` empty, on its port, as a master; the sentinels demote it."""
+        server.replica_of = None
+        return server.restart()
+
+    def wait_replica(self, server: TopologyRedisServer, timeout: float = 30.0) -> None:
+        """Wait until ``server`` replicates the current master (its link is up)."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, RuntimeError):
+                info = server.replication()
+                if (info.get("role") == "slave" and info.get("master_link_status") == "up"
+                        and int(info.get("master_port", 0)) == self.master_address()[1]):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"{server!r} is not a replica within {timeout:g} s: {info}")
+
+
+def drop_celery_connections(app: Any) -> None:
+    """Close ``app``'s broker and RedBeat connections, so that the next use reads its settings.
+
+    Covers kombu's pools, the app's producer pool and RedBeat's cached client, Sentinel and
+    configuration (RedBeat keeps a ``Sentinel`` on the app and prefers it to any URL).
+    """
+    from kombu import pools
+
+    pools.reset()  # closes and forgets every kombu connection and producer pool
+    app._pool = None
+    amqp = app.__dict__.get("amqp")  # a cached property: only reset it if it exists
+    if amqp is not None:
+        amqp._producer_pool = None
+    for name in ("redbeat_redis", "redbeat_sentinel"):
+        client = app.__dict__.pop(name, None)
+        close = getattr(client, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+    app.__dict__.pop("redbeat_conf", None)
+
+
+@contextlib.contextmanager
+def celery_app_using(app: Any, conf: Mapping[str, Any]) -> Iterator[None]:
+    """Apply the Celery settings ``conf`` to ``app`` for the block, then restore the old ones.
+
+    Connections are dropped before and after, so each side of the block connects with its own
+    settings. Keys the app did not have before are removed again (RedBeat treats a present but
+    empty ``redbeat_redis_options`` differently from a missing one).
+    """
+    missing = object()
+    saved = {key: app.conf.get(key, missing) for key in conf}
+    drop_celery_connections(app)
+    app.conf.update(dict(conf))
+    try:
+        yield
+    finally:
+        drop_celery_connections(app)
+        for key, value in saved.items():
+            if value is missing:
+                with contextlib.suppress(KeyError):
+                    del app.conf[key]
+            else:
+                app.conf[key] = value
 
 
 # --- generic and Celery processes -----------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 Environment variables choose the parts, so one codebase runs on a laptop, in CI and against
 Sentinel: ``DATABASE_URL`` (SQLite file by default; ``postgres://``, ``mysql://``),
-``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``).
+``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``), or ``REDIS_SENTINELS`` (comma-separated
+``host:port`` of the sentinels) with ``REDIS_MASTER_NAME`` (default ``mymaster``) and the
+optional ``REDIS_PASSWORD`` (the master's) and ``REDIS_SENTINEL_PASSWORD`` (the sentinels'):
+then the broker and RedBeat go through Sentinel, configured by
+``reliable_tasks.sentinel.celery_settings()``, and ``REDIS_URL`` is not used.
 """
 
 import json
@@ -10,6 +14,8 @@ import os
 from pathlib import Path
 
 import dj_database_url
+
+from reliable_tasks.sentinel import as_django_settings, celery_settings
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("EXAMPLE_VAR_DIR", BASE_DIR / "var"))
@@ -90,6 +96,8 @@ USE_TZ = True
 STATIC_URL = "static/"
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_SENTINELS = os.environ.get("REDIS_SENTINELS", "")
+REDIS_MASTER_NAME = os.environ.get("REDIS_MASTER_NAME") or "mymaster"
 
 # Any RELIABLE_TASKS_<NAME> setting can come from the environment as a JSON literal
 # (RELIABLE_TASKS_LEASE_TIMEOUT=3, RELIABLE_TASKS_ADOPT=false): tests and benchmarks tune workers
@@ -98,7 +106,19 @@ for _name, _value in os.environ.items():
     if _name.startswith("RELIABLE_TASKS_"):
         globals()[_name] = json.loads(_value)
 
-CELERY_BROKER_URL = REDIS_URL
+if REDIS_SENTINELS:
+    # The broker's URL and transport options and RedBeat's URL and options, as one set
+    # (CELERY_BROKER_URL, CELERY_BROKER_TRANSPORT_OPTIONS, CELERY_REDBEAT_REDIS_URL, ...).
+    globals().update(as_django_settings(celery_settings(
+        REDIS_SENTINELS,
+        REDIS_MASTER_NAME,
+        password=os.environ.get("REDIS_PASSWORD") or None,
+        sentinel_password=os.environ.get("REDIS_SENTINEL_PASSWORD") or None,
+    )))
+else:
+    CELERY_BROKER_URL = REDIS_URL
+    CELERY_REDBEAT_REDIS_URL = REDIS_URL
+
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_SERIALIZER = "json"
@@ -108,7 +128,6 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "reliable_tasks.beat:ReliableRedBeatScheduler"
-CELERY_REDBEAT_REDIS_URL = REDIS_URL
 CELERY_BEAT_MAX_LOOP_INTERVAL = 5
 if os.environ.get("REDBEAT_LOCK_KEY"):  # tests force a second beat past the lock this way
     CELERY_REDBEAT_LOCK_KEY = os.environ["REDBEAT_LOCK_KEY"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery, current_app
@@ -10,6 +11,7 @@ from django.utils.module_loading import import_string
 from reliable_tasks.conf import app_settings
 
 _discovered: set[int] = set()
+_discovering = threading.Lock()
 
 
 def get_celery_app() -> Celery:
@@ -30,7 +32,9 @@ def find_task(app: Celery, name: str) -> Any | None:
     """
     task = app.tasks.get(name)
     if task is None and id(app) not in _discovered:
-        _discovered.add(id(app))
-        app.loader.import_default_modules()
+        with _discovering:  # another thread's first lookup waits for the import to finish
+            if id(app) not in _discovered:
+                app.loader.import_default_modules()
+                _discovered.add(id(app))
         task = app.tasks.get(name)
     return task

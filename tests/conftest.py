@@ -24,6 +24,20 @@ are marked ``@pytest.mark.django_db(transaction=True)``.
 The processes a test starts are stopped at its teardown, and their logs are attached to the report
 when it fails. Whatever is still running at the end of the session is stopped then (and, failing
 that, at exit).
+
+Redis Sentinel. ``sentinel_topology`` (function scope) starts a ``SentinelTopology``: a master, a
+replica and three sentinels on free loopback ports (quorum 2, a master is down after 1 s), the
+master and the sentinels password-protected (``SENTINEL_PASSWORD``, ``SENTINEL_SENTINEL_PASSWORD``,
+with characters that need quoting in URLs). The test may kill, hang and restart its servers. The
+fixture points the Celery app (``reliable_tasks.sentinel.celery_settings()``: broker URL and
+transport options, RedBeat's URL and options) and the Django settings (``REDIS_SENTINELS``,
+``REDIS_MASTER_NAME``, ``CELERY_BROKER_*``, ``CELERY_REDBEAT_*``) at it for the test.
+
+- ``sentinel_worker_env(topology, **extra)``: the environment of a subprocess that uses the
+  topology (``REDIS_SENTINELS``, ``REDIS_MASTER_NAME``, ``REDIS_PASSWORD``, ...) and the test
+  database.
+- ``sentinel_worker(topology, concurrency=2, extra_args=(), env=None)`` and
+  ``sentinel_beat(topology, extra_args=(), env=None)``: started processes using the topology.
 """
 
 from __future__ import annotations
@@ -46,9 +60,13 @@ from example_project.devservers import (
     REPO_ROOT,
     CeleryProcess,
     RedisServer,
+    SentinelTopology,
+    celery_app_using,
     database_url_for,
     stop_all,
 )
+from reliable_tasks.publisher import close_publisher
+from reliable_tasks.sentinel import as_django_settings
 
 WorkerEnv = Callable[..., dict[str, str]]
 ProcessFactory = Callable[..., CeleryProcess]
@@ -208,6 +226,120 @@ def celery_beat(_launch_celery: Callable[..., CeleryProcess]) -> ProcessFactory:
         server: RedisServer, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
     ) -> CeleryProcess:
         return _launch_celery("beat", server, extra_args, env)
+
+    return start
+
+
+# --- Redis Sentinel -------------------------------------------------------------------------------
+
+#: The master's password in the ``sentinel_topology`` fixture: needs quoting in a URL.
+SENTINEL_PASSWORD = "m@ster;pass/word%"
+#: The sentinels' own password in the ``sentinel_topology`` fixture.
+SENTINEL_SENTINEL_PASSWORD = "sentinel:secret"
+
+
+@contextlib.contextmanager
+def _pointed_at_topology(topology: SentinelTopology) -> Iterator[None]:
+    """Point the Django settings and the Celery app at ``topology`` for the block."""
+    conf = topology.celery_settings()
+    django_names = {
+        "REDIS_SENTINELS": topology.sentinels_text,
+        "REDIS_MASTER_NAME": topology.master_name,
+        **as_django_settings(conf),
+    }
+    close_publisher()
+    with override_settings(**django_names), celery_app_using(celery_app, conf):
+        try:
+            yield
+        finally:
+            close_publisher()
+
+
+@pytest.fixture
+def sentinel_topology(tmp_path: Path) -> Iterator[SentinelTopology]:
+    """A started master, replica and three sentinels of this test, the app pointed at them."""
+    topology = SentinelTopology(
+        base_dir=tmp_path / "sentinel",
+        password=SENTINEL_PASSWORD,
+        sentinel_password=SENTINEL_SENTINEL_PASSWORD,
+    )
+    with topology, _pointed_at_topology(topology):
+        yield topology
+
+
+@pytest.fixture
+def sentinel_worker_env(django_db_setup: None) -> Callable[..., dict[str, str]]:
+    """Return ``make(topology, **extra)``: the environment of a subprocess using ``topology``."""
+
+    def make(topology: SentinelTopology, **extra: str) -> dict[str, str]:
+        return {
+            **topology.env(),
+            "DATABASE_URL": database_url_for(connection.settings_dict),
+            "DJANGO_SETTINGS_MODULE": os.environ["DJANGO_SETTINGS_MODULE"],
+            "PYTHONPATH": str(REPO_ROOT),
+            **extra,
+        }
+
+    return make
+
+
+@pytest.fixture
+def _launch_sentinel_celery(
+    request: pytest.FixtureRequest,
+    sentinel_worker_env: Callable[..., dict[str, str]],
+    tmp_path: Path,
+) -> Iterator[Callable[..., CeleryProcess]]:
+    """Return ``launch(kind, topology, extra_args, env, **options)``; stop all at teardown."""
+    started = request.node.stash.setdefault(_STARTED, [])
+
+    def launch(
+        kind: Literal["worker", "beat"],
+        topology: SentinelTopology,
+        extra_args: Sequence[str],
+        env: dict[str, str] | None,
+        **options: int,
+    ) -> CeleryProcess:
+        process = CeleryProcess(
+            kind,
+            sentinel_worker_env(topology, **(env or {})),
+            extra_args=extra_args,
+            log_dir=tmp_path / "celery",
+            **options,
+        )
+        started.append(process)
+        return process.start()
+
+    yield launch
+    for process in reversed(started):
+        process.stop()
+
+
+@pytest.fixture
+def sentinel_worker(_launch_sentinel_celery: Callable[..., CeleryProcess]) -> ProcessFactory:
+    """Return ``start(topology, concurrency=2, extra_args=(), env=None)``: a started worker."""
+
+    def start(
+        topology: SentinelTopology,
+        concurrency: int = 2,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> CeleryProcess:
+        return _launch_sentinel_celery("worker", topology, extra_args, env,
+                                       concurrency=concurrency)
+
+    return start
+
+
+@pytest.fixture
+def sentinel_beat(_launch_sentinel_celery: Callable[..., CeleryProcess]) -> ProcessFactory:
+    """Return ``start(topology, extra_args=(), env=None)``: a started beat using ``topology``."""
+
+    def start(
+        topology: SentinelTopology,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> CeleryProcess:
+        return _launch_sentinel_celery("beat", topology, extra_args, env)
 
     return start
 
