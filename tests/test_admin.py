@@ -240,7 +240,8 @@ def test_the_paginator_estimates_a_large_unfiltered_table_on_postgresql(root, mo
     unfiltered = EstimatedCountPaginator(TaskRecord.objects.order_by("-created_at"), 5)
     with CaptureQueriesContext(connection) as queries:
         estimate = unfiltered.count
-    filtered = EstimatedCountPaginator(TaskRecord.objects.filter(task_name="demo.add"), 5)
+    filtered = EstimatedCountPaginator(
+        TaskRecord.objects.filter(task_name="demo.add").order_by("-created_at"), 5)
 
     assert estimate == 50
     assert not unfiltered.count_is_exact and not unfiltered.count_is_capped
