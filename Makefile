@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+comma := ,
 # MySQL/MariaDB needs the mysqlclient driver (built against libmariadb); only when asked for.
 EXTRAS := dev$(if $(filter mysql%,$(DATABASE_URL)),$(comma)mysql,)
-comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install demo test faults lint bench clean
