@@ -24,7 +24,7 @@ from reliable_tasks.conf import app_settings
 from reliable_tasks.metrics import observe_reconcile
 from reliable_tasks.models import PeriodicSchedule, TaskRecord
 from reliable_tasks.sweeper import SweepReport, sweep
-from reliable_tasks.sync import mark_synced, spec_for
+from reliable_tasks.sync import SPEC_FIELDS, mark_synced, spec_from_values
 
 #: Entries read or written per pipelined round trip.
 CHUNK = 1000
@@ -83,22 +83,30 @@ def _chunks(items: list[Any], size: int = CHUNK) -> Iterable[list[Any]]:
 @dataclass
 class _State:
     specs: dict[str, redbeat_store.ScheduleSpec]
-    schedules: dict[str, PeriodicSchedule]
+    #: Entries as read for the diff: definition and score, no meta.
     stored: dict[str, redbeat_store.StoredEntry]
+    #: ``(pk, revision)`` of enabled schedules whose revision was not marked as pushed. Once
+    #: the plan is applied RedBeat holds them all (pushed now, or already matching).
+    unsynced: list[tuple[int, int]]
 
 
 def _read_state(progress: Progress) -> _State:
     """The database first (so an unreachable database fails before Redis is touched)."""
-    schedules = {redbeat_store.entry_name(s.pk): s
-                 for s in PeriodicSchedule.objects.enabled()}
-    specs = {name: spec_for(schedule) for name, schedule in schedules.items()}
+    specs: dict[str, redbeat_store.ScheduleSpec] = {}
+    unsynced: list[tuple[int, int]] = []
+    rows = PeriodicSchedule.objects.enabled().values(*SPEC_FIELDS, "synced_revision")
+    for row in rows.iterator(chunk_size=CHUNK * 5):
+        spec = spec_from_values(row)
+        specs[spec.name] = spec
+        if row["synced_revision"] < row["revision"]:
+            unsynced.append((row["pk"], row["revision"]))
     app = get_celery_app()
     names = sorted(set(specs) | set(redbeat_store.owned_entry_names(app)))
     stored: dict[str, redbeat_store.StoredEntry] = {}
     for index, chunk in enumerate(_chunks(names)):
-        stored.update(redbeat_store.read_entries(app, chunk))
+        stored.update(redbeat_store.read_entries(app, chunk, with_meta=False))
         progress(f"read {min((index + 1) * CHUNK, len(names))}/{len(names)} entries")
-    return _State(specs=specs, schedules=schedules, stored=stored)
+    return _State(specs=specs, stored=stored, unsynced=unsynced)
 
 
 def plan_schedules(state: _State) -> SchedulePlan:
@@ -109,7 +117,7 @@ def plan_schedules(state: _State) -> SchedulePlan:
         entry = state.stored.get(name)
         if entry is None or entry.definition is None:
             plan.create.append(name)
-        elif entry.definition != spec.definition_json(name) or entry.score is None:
+        elif entry.definition != spec.definition_json or entry.score is None:
             plan.update.append(name)
         else:
             plan.unchanged += 1
@@ -119,27 +127,41 @@ def plan_schedules(state: _State) -> SchedulePlan:
 
 
 def _last_slots(schedule_ids: list[int]) -> dict[int, datetime]:
-    """The ledger's latest run of each schedule: a recreated entry continues from it."""
-    rows = (TaskRecord.objects.filter(schedule_id__in=schedule_ids)
+    """The ledger's latest run of each schedule: a recreated entry continues from it.
+
+    Queried by the range of ids (an index range scan with two parameters, where a list of a
+    thousand ids costs more to send than to look up), then narrowed to the ones asked for.
+    """
+    wanted = set(schedule_ids)
+    rows = (TaskRecord.objects
+            .filter(schedule_id__gte=min(wanted), schedule_id__lte=max(wanted))
             .values("schedule_id").annotate(last=Max("scheduled_for")))
-    return {row["schedule_id"]: row["last"] for row in rows if row["last"]}
+    return {row["schedule_id"]: row["last"] for row in rows
+            if row["last"] and row["schedule_id"] in wanted}
 
 
 def apply_plan(state: _State, plan: SchedulePlan, progress: Progress) -> None:
-    """Write the plan to RedBeat, in pipelined chunks, and record what was pushed."""
+    """Write the plan to RedBeat, in pipelined chunks, and record what was pushed.
+
+    An entry that did not exist when the state was read is created from the ledger's last run
+    of its schedule; one that did is re-read with its meta by ``push()``, so its
+    ``last_run_at`` is kept.
+    """
     app = get_celery_app()
     now = timezone.now()
     to_push = plan.create + plan.update
     for index, chunk in enumerate(_chunks(to_push)):
-        ids = [state.specs[name].schedule_id for name in chunk if name in plan.create]
-        redbeat_store.push(app, [state.specs[name] for name in chunk], now,
-                           existing={n: state.stored[n] for n in chunk if n in state.stored},
-                           last_slots=_last_slots(ids) if ids else None)
+        specs = [state.specs[name] for name in chunk]
+        absent = [spec for spec in specs if spec.name not in state.stored]
+        present = [spec for spec in specs if spec.name in state.stored]
+        if absent:
+            redbeat_store.push(app, absent, now, existing={},
+                               last_slots=_last_slots([spec.schedule_id for spec in absent]))
+        redbeat_store.push(app, present, now)
         progress(f"pushed {min((index + 1) * CHUNK, len(to_push))}/{len(to_push)} entries")
     for chunk in _chunks(plan.remove):
         redbeat_store.remove(app, chunk)
-    mark_synced(schedule for schedule in state.schedules.values() if schedule.needs_sync
-                or redbeat_store.entry_name(schedule.pk) in to_push)
+    mark_synced(state.unsynced)
 
 
 def reconcile_schedules(*, dry_run: bool, prune: bool = True,

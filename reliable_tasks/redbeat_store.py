@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property, lru_cache
 from typing import Any
 
 from celery import Celery
@@ -63,13 +64,7 @@ class ScheduleSpec:
 
     def celery_schedule(self) -> Any:
         """The nearest RedBeat-encodable schedule object (for RedBeat's own tooling)."""
-        if self.interval_seconds is not None:
-            return celery_interval(run_every=timedelta(seconds=self.interval_seconds))
-        if self.crontab:
-            minute, hour, day_of_month, month_of_year, day_of_week = self.crontab.split()
-            return celery_crontab(minute=minute, hour=hour, day_of_month=day_of_month,
-                                  month_of_year=month_of_year, day_of_week=day_of_week)
-        return rrule("SECONDLY", dtstart=self.run_at, count=1)
+        return _celery_schedule(self.interval_seconds, self.crontab, self.run_at)
 
     def meta_option(self) -> dict[str, Any]:
         """The schedule's own metadata, stored in the entry's options."""
@@ -83,17 +78,48 @@ class ScheduleSpec:
             "catch_up": self.catch_up,
         }
 
-    def definition_json(self, name: str) -> str:
-        """The ``definition`` field exactly as RedBeat stores it."""
+    @cached_property
+    def name(self) -> str:
+        """The RedBeat entry name of this schedule."""
+        return entry_name(self.schedule_id)
+
+    @cached_property
+    def definition_json(self) -> str:
+        """The ``definition`` field exactly as RedBeat stores it (computed once per spec)."""
         return json.dumps({
-            "name": name,
+            "name": self.name,
             "task": self.task,
             "args": self.args,
             "kwargs": self.kwargs,
             "options": {**self.options, META_OPTION: self.meta_option()},
-            "schedule": self.celery_schedule(),
+            "schedule": _encoded_schedule(self.interval_seconds, self.crontab, self.run_at),
             "enabled": True,
         }, cls=RedBeatJSONEncoder, sort_keys=True)
+
+    @cached_property
+    def parsed_timing(self) -> Timing:
+        """``timing()``, parsed once per spec."""
+        return self.timing()
+
+
+@lru_cache(maxsize=4096)
+def _celery_schedule(interval_seconds: int | None, crontab: str, run_at: datetime | None) -> Any:
+    if interval_seconds is not None:
+        return celery_interval(run_every=timedelta(seconds=interval_seconds))
+    if crontab:
+        minute, hour, day_of_month, month_of_year, day_of_week = crontab.split()
+        return celery_crontab(minute=minute, hour=hour, day_of_month=day_of_month,
+                              month_of_year=month_of_year, day_of_week=day_of_week)
+    return rrule("SECONDLY", dtstart=run_at, count=1)
+
+
+@lru_cache(maxsize=4096)
+def _encoded_schedule(interval_seconds: int | None, crontab: str,
+                      run_at: datetime | None) -> dict[str, Any]:
+    """RedBeat's JSON form of a timing; most schedules share a few timings, so it is cached."""
+    encoded: dict[str, Any] = RedBeatJSONEncoder().default(
+        _celery_schedule(interval_seconds, crontab, run_at))
+    return encoded
 
 
 def spec_from_options(task: str, options: dict[str, Any]) -> ScheduleSpec | None:
@@ -173,8 +199,9 @@ def decode_meta(raw: str | None) -> tuple[datetime | None, int]:
     return last, int(meta.get("total_run_count") or 0)
 
 
+@lru_cache(maxsize=1024)
 def encode_meta(last_run_at: datetime, total_run_count: int) -> str:
-    """A ``meta`` field."""
+    """A ``meta`` field (cached: the entries created by one push mostly share their start)."""
     return json.dumps({"last_run_at": last_run_at.astimezone(UTC),
                        "total_run_count": total_run_count}, cls=RedBeatJSONEncoder)
 
@@ -184,19 +211,28 @@ def decode_definition(raw: str) -> dict[str, Any]:
     return json.loads(raw, cls=RedBeatJSONDecoder)
 
 
-def read_entries(app: Celery, names: Sequence[str]) -> dict[str, StoredEntry]:
-    """Read many entries in one pipelined round trip; missing ones are left out."""
+def read_entries(app: Celery, names: Sequence[str], *,
+                 with_meta: bool = True) -> dict[str, StoredEntry]:
+    """Read many entries in one pipelined round trip; missing ones are left out.
+
+    ``with_meta=False`` reads only the definition and the score (what a diff compares); the
+    entries then carry no ``meta`` and must not be given to ``push()`` as ``existing``.
+    """
     if not names:
         return {}
     redis = client(app)
     keys = [_key(app, name) for name in names]
     with redis.pipeline(transaction=False) as pipe:
         for key in keys:
-            pipe.hmget(key, "definition", "meta")
+            if with_meta:
+                pipe.hmget(key, "definition", "meta")
+            else:
+                pipe.hget(key, "definition")
         pipe.zmscore(_schedule_key(app), keys)
         *fields, scores = pipe.execute()
     entries: dict[str, StoredEntry] = {}
-    for name, (definition, meta), score in zip(names, fields, scores, strict=True):
+    for name, values, score in zip(names, fields, scores, strict=True):
+        definition, meta = values if with_meta else (values, None)
         if definition is None and meta is None and score is None:
             continue
         entries[name] = StoredEntry(name=name, definition=definition, meta=meta, score=score)
@@ -213,7 +249,7 @@ def owned_entry_names(app: Celery) -> list[str]:
 
 def next_due(spec: ScheduleSpec, last_slot: datetime) -> datetime | None:
     """The first slot after ``last_slot``."""
-    return spec.timing().next_after(last_slot)
+    return spec.parsed_timing.next_after(last_slot)
 
 
 def initial_last_slot(spec: ScheduleSpec, now: datetime) -> datetime:
@@ -232,21 +268,26 @@ def push(app: Celery, specs: Iterable[ScheduleSpec], now: datetime,
     """Create or update entries, keeping ``last_run_at`` and ``total_run_count``.
 
     Reads the current entries in one round trip (unless given), then writes all in one
-    transaction: the definition, the meta only where there is none (a beat advancing the entry
-    meanwhile is never undone), and the schedule score from the last run, so a changed timing
-    is rescheduled from it. A new entry starts from ``last_slots`` (the ledger's latest run of
-    the schedule) when given, else from now. Returns how many entries were written.
+    pipeline: the meta only where there is none (a beat advancing the entry meanwhile is never
+    undone), the definition, and last the schedule scores from the last run (one ZADD), so a
+    changed timing is rescheduled from it. The pipeline is not a MULTI: each key is written by
+    atomic commands in that order, and beat only reads an entry once its score is set, so it
+    never runs a half-written one; skipping MULTI halves the replies to parse. A new entry starts
+    from ``last_slots`` (the ledger's latest run of the schedule) when given, else from now.
+    Returns how many entries were written.
     """
     specs = list(specs)
     if not specs:
         return 0
-    names = [entry_name(spec.schedule_id) for spec in specs]
+    names = [spec.name for spec in specs]
     if existing is None:
         existing = read_entries(app, names)
     last_slots = last_slots or {}
     redis = client(app)
     schedule_key = _schedule_key(app)
-    with redis.pipeline(transaction=True) as pipe:
+    scores: dict[str, float] = {}
+    unscheduled: list[str] = []
+    with redis.pipeline(transaction=False) as pipe:
         for name, spec in zip(names, specs, strict=True):
             stored = existing.get(name)
             last_slot = stored.last_run_at if stored else None
@@ -254,12 +295,16 @@ def push(app: Celery, specs: Iterable[ScheduleSpec], now: datetime,
             if last_slot is None:
                 last_slot = last_slots.get(spec.schedule_id) or initial_last_slot(spec, now)
                 pipe.hsetnx(key, "meta", encode_meta(last_slot, 0))
-            pipe.hset(key, "definition", spec.definition_json(name))
+            pipe.hset(key, "definition", spec.definition_json)
             due = next_due(spec, last_slot)
             if due is None:
-                pipe.zrem(schedule_key, key)
+                unscheduled.append(key)
             else:
-                pipe.zadd(schedule_key, {key: to_timestamp(due)})
+                scores[key] = to_timestamp(due)
+        if scores:
+            pipe.zadd(schedule_key, scores)
+        if unscheduled:
+            pipe.zrem(schedule_key, *unscheduled)
         pipe.execute()
     return len(specs)
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -24,14 +25,31 @@ from reliable_tasks.models import PeriodicSchedule
 logger = logging.getLogger(__name__)
 
 
+#: Rows marked synced per UPDATE (SQLite limits the parameters of one statement).
+MARK_CHUNK = 5000
+#: The columns a spec is built from; ``spec_from_values()`` takes a ``values()`` row of them.
+SPEC_FIELDS = ("pk", "revision", "task", "args", "kwargs", "options", "interval_seconds",
+               "crontab", "timezone", "run_at", "catch_up")
+
+
 def spec_for(schedule: PeriodicSchedule) -> redbeat_store.ScheduleSpec:
     """What RedBeat should hold for ``schedule``."""
+    return spec_from_values({name: getattr(schedule, name) for name in SPEC_FIELDS})
+
+
+def spec_from_values(row: dict[str, Any]) -> redbeat_store.ScheduleSpec:
+    """What RedBeat should hold for a schedule read as ``values(*SPEC_FIELDS)``.
+
+    Reading plain values instead of model instances is what keeps a reconcile of many
+    schedules fast.
+    """
     return redbeat_store.ScheduleSpec(
-        schedule_id=schedule.pk, revision=schedule.revision, task=schedule.task,
-        args=list(schedule.args or []), kwargs=dict(schedule.kwargs or {}),
-        options=dict(schedule.options or {}),
-        interval_seconds=schedule.interval_seconds, crontab=schedule.crontab,
-        timezone=schedule.zone_name, run_at=schedule.run_at, catch_up=schedule.catch_up,
+        schedule_id=row["pk"], revision=row["revision"], task=row["task"],
+        args=list(row["args"] or []), kwargs=dict(row["kwargs"] or {}),
+        options=dict(row["options"] or {}),
+        interval_seconds=row["interval_seconds"], crontab=row["crontab"],
+        timezone=row["timezone"] or settings.TIME_ZONE, run_at=row["run_at"],
+        catch_up=row["catch_up"],
     )
 
 
@@ -44,15 +62,20 @@ class PushReport:
     failed: int = 0
 
 
-def mark_synced(schedules: Iterable[PeriodicSchedule]) -> None:
-    """One conditional UPDATE per revision: a row edited meanwhile stays marked for sync."""
+def mark_synced(pushed: Iterable[tuple[int, int]]) -> None:
+    """Record that RedBeat holds revision ``r`` of schedule ``pk`` for each ``(pk, r)`` pushed.
+
+    One conditional UPDATE per revision: a row edited meanwhile stays marked for sync.
+    """
     by_revision: dict[int, list[int]] = defaultdict(list)
-    for schedule in schedules:
-        by_revision[schedule.revision].append(schedule.pk)
+    for pk, revision in pushed:
+        by_revision[revision].append(pk)
     now = timezone.now()
     for revision, ids in by_revision.items():
-        PeriodicSchedule.objects.filter(pk__in=ids, revision=revision).update(
-            synced_revision=revision, synced_at=now, sync_error="")
+        for start in range(0, len(ids), MARK_CHUNK):
+            PeriodicSchedule.objects.filter(
+                pk__in=ids[start:start + MARK_CHUNK], revision=revision,
+            ).update(synced_revision=revision, synced_at=now, sync_error="")
 
 
 def push_schedules(ids: Iterable[int]) -> PushReport:
@@ -76,7 +99,7 @@ def push_schedules(ids: Iterable[int]) -> PushReport:
         PeriodicSchedule.objects.filter(pk__in=ids).update(
             sync_error=f"{type(exc).__name__}: {exc}"[:2000])
         return report
-    mark_synced(schedules.values())
+    mark_synced((s.pk, s.revision) for s in schedules.values())
     return report
 
 
