@@ -1,7 +1,9 @@
-"""The app's settings: flat ``RELIABLE_TASKS_<NAME>`` Django settings, read on every access.
+"""The app's settings: flat ``RELIABLE_TASKS_<NAME>`` Django settings, read lazily.
 
-Reading on access (never at import time) keeps ``override_settings`` working. Durations are
-seconds (``int`` or ``float``). Validation lives in ``reliable_tasks.checks``.
+Reading on first access (never at import time) and forgetting on Django's ``setting_changed``
+signal keeps ``override_settings`` working; caching the values matters on hot paths (a setting
+left at its default costs Django an ``AttributeError`` on every read). Durations are seconds
+(``int`` or ``float``). Validation lives in ``reliable_tasks.checks``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings as django_settings
+from django.core.signals import setting_changed
 
 PREFIX = "RELIABLE_TASKS_"
 
@@ -74,10 +77,24 @@ SPECS: dict[str, SettingSpec] = {
 
 
 class ReliableTasksSettings:
-    """Typed access to the app's settings; every attribute is read from Django on access."""
+    """Typed access to the app's settings, read from Django once and until they change."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+        setting_changed.connect(self._forget, dispatch_uid="reliable_tasks.conf")
 
     def _get(self, name: str) -> Any:
-        return getattr(django_settings, PREFIX + name, SPECS[name].default)
+        try:
+            return self._values[name]
+        except KeyError:
+            value = self._values[name] = getattr(django_settings, PREFIX + name,
+                                                 SPECS[name].default)
+            return value
+
+    def _forget(self, setting: str, **_: Any) -> None:
+        """``setting_changed``: drop the cached values when one of ours changed."""
+        if setting.startswith(PREFIX):
+            self._values.clear()
 
     @property
     def PUBLISH_GRACE(self) -> float:

@@ -3,8 +3,9 @@
 It replaces "clear Redis and reload the schedule": it reads the app's own entries (pipelined),
 creates the missing, updates the drifted (keeping ``last_run_at``), removes owned orphans, and
 then runs one sweeper pass. It never writes or deletes RedBeat's lock, its statics, entries
-outside the app's prefix, or any other key. Concurrent runs serialize on a short lock of the
-app's own (``<ENTRY_PREFIX>reconcile:lock``, outside RedBeat's prefix).
+outside the app's prefix, or any other key. The diff takes no lock and writes nothing; only a
+drifted state is repaired, and repairs serialize on a short lock of the app's own
+(``<ENTRY_PREFIX>reconcile:lock``, outside RedBeat's prefix).
 """
 
 from __future__ import annotations
@@ -83,15 +84,15 @@ def _chunks(items: list[Any], size: int = CHUNK) -> Iterable[list[Any]]:
 @dataclass
 class _State:
     specs: dict[str, redbeat_store.ScheduleSpec]
-    #: Entries as read for the diff: definition and score, no meta.
-    stored: dict[str, redbeat_store.StoredEntry]
     #: ``(pk, revision)`` of enabled schedules whose revision was not marked as pushed. Once
     #: the plan is applied RedBeat holds them all (pushed now, or already matching).
     unsynced: list[tuple[int, int]]
+    #: Entries as read for the diff: definition and score, no meta.
+    stored: dict[str, redbeat_store.StoredEntry] = field(default_factory=dict)
 
 
-def _read_state(progress: Progress) -> _State:
-    """The database first (so an unreachable database fails before Redis is touched)."""
+def _read_database() -> _State:
+    """The enabled schedules as specs; read first, so a database that is down fails early."""
     specs: dict[str, redbeat_store.ScheduleSpec] = {}
     unsynced: list[tuple[int, int]] = []
     rows = PeriodicSchedule.objects.enabled().values(*SPEC_FIELDS, "synced_revision")
@@ -100,13 +101,28 @@ def _read_state(progress: Progress) -> _State:
         specs[spec.name] = spec
         if row["synced_revision"] < row["revision"]:
             unsynced.append((row["pk"], row["revision"]))
+    return _State(specs=specs, unsynced=unsynced)
+
+
+def _read_redis(state: _State, progress: Progress) -> None:
+    """Read the app's entries (and the ones the database expects) into ``state.stored``."""
     app = get_celery_app()
-    names = sorted(set(specs) | set(redbeat_store.owned_entry_names(app)))
-    stored: dict[str, redbeat_store.StoredEntry] = {}
+    names = sorted(set(state.specs) | set(redbeat_store.owned_entry_names(app)))
+    state.stored = {}
     for index, chunk in enumerate(_chunks(names)):
-        stored.update(redbeat_store.read_entries(app, chunk, with_meta=False))
+        state.stored.update(redbeat_store.read_entries(app, chunk, with_meta=False))
         progress(f"read {min((index + 1) * CHUNK, len(names))}/{len(names)} entries")
-    return _State(specs=specs, stored=stored, unsynced=unsynced)
+
+
+def _stored_revision(entry: redbeat_store.StoredEntry) -> int | None:
+    """The schedule revision an entry was pushed from, if it says."""
+    try:
+        options = redbeat_store.decode_definition(entry.definition or "").get("options")
+    except ValueError:
+        return None
+    meta = options.get(redbeat_store.META_OPTION) if isinstance(options, dict) else None
+    revision = meta.get("revision") if isinstance(meta, dict) else None
+    return revision if isinstance(revision, int) else None
 
 
 def plan_schedules(state: _State) -> SchedulePlan:
@@ -123,6 +139,32 @@ def plan_schedules(state: _State) -> SchedulePlan:
             plan.unchanged += 1
     plan.remove = sorted(name for name in state.stored
                          if name not in state.specs and name != sweep_entry)
+    return plan
+
+
+def _refresh_specs(state: _State, names: list[str]) -> None:
+    """Re-read the schedules behind ``names`` from the database into ``state.specs``."""
+    ids = [state.specs[name].schedule_id for name in names]
+    for row in PeriodicSchedule.objects.enabled().filter(pk__in=ids).values(*SPEC_FIELDS):
+        spec = spec_from_values(row)
+        state.specs[spec.name] = spec
+
+
+def _plan(state: _State, prune: bool) -> SchedulePlan:
+    """``plan_schedules()``, with the entries a save hook pushed meanwhile re-checked.
+
+    An entry pushed from a newer revision than the one read here means the schedule was saved
+    (and pushed) after this run read the database: those schedules are read again, so this
+    run never writes an older definition over a newer one.
+    """
+    plan = plan_schedules(state)
+    newer = [name for name in plan.update
+             if (_stored_revision(state.stored[name]) or 0) > state.specs[name].revision]
+    if newer:
+        _refresh_specs(state, newer)
+        plan = plan_schedules(state)
+    if not prune:
+        plan.remove = []
     return plan
 
 
@@ -166,14 +208,44 @@ def apply_plan(state: _State, plan: SchedulePlan, progress: Progress) -> None:
 
 def reconcile_schedules(*, dry_run: bool, prune: bool = True,
                         progress: Progress = lambda message: None) -> SchedulePlan:
-    """Diff and (unless ``dry_run``) repair the schedules; return the plan."""
-    state = _read_state(progress)
-    plan = plan_schedules(state)
-    if not prune:
-        plan.remove = []
+    """Diff and (unless ``dry_run``) repair the schedules, without the lock; return the plan.
+
+    ``reconcile()`` is the entry point that serializes concurrent repairs.
+    """
+    state = _read_database()
+    _read_redis(state, progress)
+    plan = _plan(state, prune)
     if not dry_run:
         apply_plan(state, plan, progress)
     return plan
+
+
+def _repair_schedules(*, prune: bool, wait: float,
+                      progress: Progress) -> tuple[SchedulePlan | None, bool]:
+    """Diff without a lock; repair under the app's lock only if something drifted.
+
+    Many pods starting at once with nothing to repair never touch the lock and write nothing
+    to Redis. A drifted state takes the lock, re-reads Redis (another run may have repaired it
+    meanwhile) and applies what still differs. Returns the plan applied (None if the lock
+    stayed busy for ``wait`` seconds) and whether the run was skipped as busy.
+    """
+    state = _read_database()
+    _read_redis(state, progress)
+    plan = _plan(state, prune)
+    if not plan.drifted:
+        mark_synced(state.unsynced)
+        return plan, False
+    lock = _lock(wait)
+    if not lock.acquire():
+        return None, True
+    try:
+        _read_redis(state, progress)
+        plan = _plan(state, prune)
+        apply_plan(state, plan, progress)
+    finally:
+        if lock.owned():
+            lock.release()
+    return plan, False
 
 
 def _lock(wait: float) -> Any:
@@ -187,30 +259,27 @@ def reconcile(*, dry_run: bool = False, schedules: bool = True, ledger: bool = T
               progress: Progress = lambda message: None) -> ReconcileReport:
     """The whole reconciliation; safe to run from many processes at once.
 
-    A real run takes the app's reconcile lock, waiting up to ``wait`` seconds; if another run
-    still holds it, this one does nothing (``skipped_busy``): that run is doing the same work.
-    A dry run takes no lock and writes nothing.
+    The schedules are diffed without a lock; only a drifted state is repaired, under the app's
+    reconcile lock, waiting up to ``wait`` seconds for a concurrent repair. If that run still
+    holds it, this one skips the schedules (``skipped_busy``): that run is doing the same work.
+    The sweeper pass needs no lock (concurrent passes never publish a row twice). A dry run
+    takes no lock and writes nothing.
     """
     started = time.monotonic()
     report = ReconcileReport(dry_run=dry_run)
-    lock = None
-    if not dry_run:
-        lock = _lock(wait)
-        if not lock.acquire():
-            report.skipped_busy = True
-            report.seconds = time.monotonic() - started
-            return report
-    try:
-        if schedules:
-            plan = reconcile_schedules(dry_run=dry_run, prune=prune, progress=progress)
+    if schedules:
+        if dry_run:
+            plan: SchedulePlan | None = reconcile_schedules(dry_run=True, prune=prune,
+                                                            progress=progress)
+        else:
+            plan, report.skipped_busy = _repair_schedules(prune=prune, wait=wait,
+                                                          progress=progress)
+        if plan is not None:
             report.plan = plan
             report.created, report.updated = len(plan.create), len(plan.update)
             report.removed, report.unchanged = len(plan.remove), plan.unchanged
-        if ledger and not dry_run:
-            report.sweep = sweep(time_budget=max(wait, 30.0))
-    finally:
-        if lock is not None and lock.owned():
-            lock.release()
+    if ledger and not dry_run and not report.skipped_busy:
+        report.sweep = sweep(time_budget=max(wait, 30.0))
     report.seconds = time.monotonic() - started
     if not dry_run:
         observe_reconcile(report)

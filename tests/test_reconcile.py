@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from example_project.celery import app as celery_app
 from example_project.devservers import REPO_ROOT
+from reliable_tasks import reconcile as reconcile_module
 from reliable_tasks import redbeat_store
 from reliable_tasks.models import PeriodicSchedule, TaskRecord
 
@@ -110,6 +111,71 @@ def test_check_exits_non_zero_on_drift_and_zero_when_clean(redis_server):
     with pytest.raises(CommandError, match="drifted") as error:
         call_command("reconcile_tasks", "--check", stdout=StringIO())
     assert error.value.returncode == 1
+
+
+def hold_reconcile_lock(client) -> None:
+    """Stand in for a concurrent repair: the app's reconcile lock, held by someone else."""
+    client.set("reliable_tasks:reconcile:lock", "another-run", px=60_000)
+
+
+def test_a_clean_run_takes_no_lock_and_is_not_held_up_by_a_repair_in_progress(redis_server):
+    schedules(3)
+    client = redis_server.client()
+    hold_reconcile_lock(client)
+    started = time.monotonic()
+
+    report = reconcile("--schedules-only", "--wait", "5")
+
+    assert time.monotonic() - started < 5
+    assert (report["skipped_busy"], report["unchanged"]) == (False, 3)
+    assert client.get("reliable_tasks:reconcile:lock") == "another-run"
+
+
+def test_a_drifted_run_waits_for_a_repair_in_progress_then_skips(redis_server):
+    schedule = schedules(2)[0]
+    client = redis_server.client()
+    client.delete(f"redbeat:{redbeat_store.entry_name(schedule.pk)}")
+    hold_reconcile_lock(client)
+
+    report = reconcile("--wait", "0.5")
+
+    assert report["skipped_busy"] is True
+    assert report["sweep"] is None
+    assert not client.exists(f"redbeat:{redbeat_store.entry_name(schedule.pk)}")
+    client.delete("reliable_tasks:reconcile:lock")
+    assert reconcile("--schedules-only")["created"] == 1
+
+
+def test_a_schedule_pushed_after_the_database_was_read_is_not_overwritten(redis_server):
+    schedule = schedules(1)[0]
+    name = redbeat_store.entry_name(schedule.pk)
+    state = reconcile_module._read_database()
+    schedule.args = [7, 7]
+    schedule.save()  # its save hook pushes revision 2 while this run holds revision 1
+    stored_before = redis_server.client().hget(f"redbeat:{name}", "definition")
+
+    reconcile_module._read_redis(state, progress=lambda message: None)
+    plan = reconcile_module._plan(state, prune=True)
+    reconcile_module.apply_plan(state, plan, progress=lambda message: None)
+
+    assert (plan.update, plan.unchanged) == ([], 1)
+    assert redis_server.client().hget(f"redbeat:{name}", "definition") == stored_before
+    assert json.loads(stored_before)["args"] == [7, 7]
+
+
+def test_an_entry_claiming_a_revision_the_database_never_had_is_repaired(redis_server):
+    schedule = schedules(1)[0]
+    key = f"redbeat:{redbeat_store.entry_name(schedule.pk)}"
+    client = redis_server.client()
+    tampered = json.loads(client.hget(key, "definition"))
+    tampered["args"] = ["tampered"]
+    tampered["options"]["reliable_tasks"]["revision"] = 99
+    client.hset(key, "definition", json.dumps(tampered))
+
+    report = reconcile("--schedules-only")
+
+    assert report["updated"] == 1
+    assert json.loads(client.hget(key, "definition"))["args"] == [0, 0]
 
 
 def test_redis_flushed_entirely_is_restored_with_the_right_next_runs(redis_server):
