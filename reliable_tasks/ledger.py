@@ -16,9 +16,10 @@ from typing import Any
 from uuid import UUID
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
+from reliable_tasks import statements
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
 from reliable_tasks.models import TaskRecord
@@ -59,10 +60,7 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) 
     started by this delivery; a finished task, or one running under a live lease, loses.
     """
     now = timezone.now()
-    changed = (TaskRecord.objects.filter(id=task_id, state__in=list(CLAIMABLE_STATES))
-               .filter(Q(expires_at__isnull=True) | Q(expires_at__gte=now))
-               .update(state=TaskState.STARTED, attempts=F("attempts") + 1, worker=worker,
-                       started_at=now, lease_expires_at=_lease(now), next_attempt_at=None))
+    changed = statements.claim(task_id, worker=worker, now=now, lease_expires_at=_lease(now))
     if changed:
         return Claim(won=True, worker=worker, started_at=now)
     return _claim_contended(task_id, task_name, worker, now, rerun_after_lost)
@@ -163,11 +161,9 @@ def record_success(task_id: str, claimed: Claim) -> bool:
     A successful attempt is described by the row itself (worker, started_at, finished_at,
     attempts); the history keeps the attempts that did not succeed.
     """
-    return _held_by(task_id, claimed).transition(
-        (TaskState.STARTED, TaskState.RETRY, TaskState.LOST, TaskState.QUEUED),
-        state=TaskState.SUCCESS, finished_at=timezone.now(), lease_expires_at=None,
-        next_attempt_at=None,
-    ) == 1
+    assert claimed.started_at is not None, "a won claim has its start time"
+    return statements.succeed(task_id, worker=claimed.worker, started_at=claimed.started_at,
+                              now=timezone.now()) == 1
 
 
 def record_failure(task_id: str, claimed: Claim, exc: BaseException,
