@@ -29,11 +29,13 @@ status is 1 when a check failed (listed under the table), else 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import re
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -329,16 +331,16 @@ def pin_broker_epoch(env: BenchEnvironment) -> None:
 
     now = timezone.now()
     BrokerEpoch.objects.update_or_create(
-        name=EPOCH_NAME, defaults={"run_id": env.redis.run_id(), "seen_since": now,
-                                   "checked_at": now})
+        name=EPOCH_NAME, defaults={"run_id": env.redis.run_id(), "seen_since": now})
 
 
 # --- measuring the queries of a pass --------------------------------------------------------------
 
 
 def _template_shape(sql: str) -> str:
-    """A query with its placeholder lists collapsed: equal for every batch of the same query."""
-    return re.sub(r"%s(?:, %s)+", "%s, ...", " ".join(sql.split()))
+    """A query with its placeholder lists and savepoint names collapsed: equal for every batch."""
+    text = re.sub(r"%s(?:, %s)+", "%s, ...", " ".join(sql.split()))
+    return re.sub(r'SAVEPOINT "\w+"', "SAVEPOINT ...", text)
 
 
 def abbreviate(sql: str) -> str:
@@ -371,11 +373,11 @@ def abbreviate_plan_line(line: str) -> str:
 
 
 class QueryTimer:
-    """A ``connection.execute_wrapper`` that times every query, by its shape."""
+    """A ``connection.execute_wrapper`` that times every query, by its shape and thread."""
 
     def __init__(self) -> None:
         """Start with no query seen."""
-        self.calls: list[tuple[str, float]] = []
+        self.calls: list[tuple[str, float, int]] = []
 
     def __call__(self, execute: Callable[..., Any], sql: str, params: Any, many: bool,
                  context: dict[str, Any]) -> Any:
@@ -384,7 +386,29 @@ class QueryTimer:
         try:
             return execute(sql, params, many, context)
         finally:
-            self.calls.append((_template_shape(sql), time.perf_counter() - started))
+            self.calls.append((_template_shape(sql), time.perf_counter() - started,
+                               threading.get_ident()))
+
+
+@contextlib.contextmanager
+def timing_queries(timer: QueryTimer) -> Iterator[None]:
+    """Time the queries of this thread's connection, and of connections opened meanwhile.
+
+    A pass publishing a backlog runs a second loop in a helper thread, on a connection of its
+    own: that connection gets the timer when it is opened.
+    """
+    from django.db import connection
+    from django.db.backends.signals import connection_created
+
+    def add_timer(sender: Any, connection: Any, **_: Any) -> None:
+        connection.execute_wrappers.append(timer)
+
+    connection_created.connect(add_timer, dispatch_uid="bench_sweeper.timing_queries")
+    try:
+        with connection.execute_wrapper(timer):
+            yield
+    finally:
+        connection_created.disconnect(dispatch_uid="bench_sweeper.timing_queries")
 
 
 def time_queries(
@@ -393,10 +417,9 @@ def time_queries(
     """Time each query of ``passes`` passes (``setup()`` runs untimed before each).
 
     Returns one row per query shape, in order of first use: (shape, calls per pass, median
-    milliseconds per pass), and the median milliseconds of a pass spent outside SQL.
+    milliseconds per pass, summed over every thread's connection), and the median milliseconds
+    of a pass this thread spent outside its own queries.
     """
-    from django.db import connection
-
     per_pass: list[dict[str, list[float]]] = []
     outside: list[float] = []
     order: list[str] = []
@@ -406,17 +429,19 @@ def time_queries(
             setup()
         timer.calls.clear()
         gc.collect()
-        with connection.execute_wrapper(timer):
+        with timing_queries(timer):
             started = time.perf_counter()
             run_pass()
             total = time.perf_counter() - started
         by_shape: dict[str, list[float]] = {}
-        for shape, seconds in timer.calls:
+        for shape, seconds, _ in timer.calls:
             by_shape.setdefault(shape, []).append(seconds)
             if shape not in order:
                 order.append(shape)
         per_pass.append(by_shape)
-        outside.append(total - sum(seconds for _, seconds in timer.calls))
+        here = threading.get_ident()
+        outside.append(total - sum(seconds for _, seconds, thread in timer.calls
+                                   if thread == here))
     rows = []
     for shape in order:
         calls = max(len(found.get(shape, [])) for found in per_pass)
@@ -432,8 +457,8 @@ def print_query_times(rows: Sequence[tuple[str, int, float]], outside_ms: float,
     print(f"  {'median ms':>9}  {'calls':>5}  query")
     for shape, calls, spent in rows:
         print(f"  {spent:9.3f}  {calls:5d}  {abbreviate(shape)}")
-    print(f"  {outside_ms:9.3f}  {'':>5}  (outside the queries: Redis, COMMIT of atomic blocks, "
-          f"Python)")
+    print(f"  {outside_ms:9.3f}  {'':>5}  (outside this thread's queries: Redis, COMMIT of atomic "
+          f"blocks, Python)")
 
 
 @dataclass
@@ -715,7 +740,8 @@ def bench_publish(env: BenchEnvironment, count: int, runs: int) -> PublishResult
 
     rows, outside_ms = time_queries(1, lambda: sweep(time_budget=PUBLISH_BUDGET), seed)
     print_query_times(rows, outside_ms, f"Queries of one pass publishing {count:,} rows "
-                                        f"(one more run, timed per query):")
+                                        f"(one more run, timed per query; both publishing loops' "
+                                        f"queries, which overlap in time, are counted):")
     clear_backlog(env)
     seed_backlog(count)
     plans = explain_captured(captured.captured_queries)

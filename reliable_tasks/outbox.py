@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,7 +27,7 @@ from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
-from reliable_tasks.publisher import send_records
+from reliable_tasks.publisher import Publishable, send_records
 from reliable_tasks.states import TaskState
 
 logger = logging.getLogger(__name__)
@@ -260,11 +261,11 @@ def publish_on_commit(records: list[TaskRecord]) -> None:
         transaction.on_commit(_PublishHook(to_publish, using), using=using)
 
 
-def publish_records(records: Sequence[TaskRecord]) -> int:
+def publish_records(records: Sequence[Publishable], *, retry_at: datetime | None = None) -> int:
     """Publish ``records`` in one batch and mark them QUEUED; return how many were published.
 
     On failure the rows stay PENDING (or RETRY) with the error and a publish-attempt count, and
-    nothing is raised: the sweeper publishes them later.
+    nothing is raised: the sweeper publishes them later (not before ``retry_at`` when given).
     """
     if not records:
         return 0
@@ -277,25 +278,34 @@ def publish_records(records: Sequence[TaskRecord]) -> int:
     except Exception as exc:  # noqa: BLE001 - any broker failure leaves the rows to the sweeper
         logger.warning("publishing %d task(s) failed; the sweeper will retry: %r",
                        len(records), exc)
-        _record_publish_failure(ids, exc)
+        _record_publish_failure(ids, exc, retry_at)
         return 0
     _mark_queued(ids)
     return len(records)
 
 
-def _mark_queued(ids: list[Any]) -> None:
-    """Mark published rows QUEUED, without waiting for the disk where the database allows.
+@contextmanager
+def publishing_transaction() -> Iterator[None]:
+    """A transaction whose commit does not wait for the disk where the database allows.
 
-    Losing this write in a database crash is harmless: the row stays PENDING, the sweeper
-    publishes it again after the grace, and the worker's claim skips the second copy. So on
-    PostgreSQL it commits with ``synchronous_commit = off`` (this transaction only), which
-    spares the caller a flush to disk.
+    For writes that are harmless to lose in a database crash: a row left PENDING is published
+    again after the grace, and the worker's claim skips the second copy. On PostgreSQL the
+    transaction runs with ``synchronous_commit = off``. Inside a transaction already (a
+    caller's, or the sweeper's batch), the writes join that one: a caller's is never relaxed.
     """
-    relaxed = connection.vendor == "postgresql" and not connection.in_atomic_block
+    if connection.in_atomic_block:
+        yield
+        return
     with transaction.atomic():
-        if relaxed:  # never relax a caller's own transaction
+        if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        yield
+
+
+def _mark_queued(ids: list[Any]) -> None:
+    """Mark published rows QUEUED, without waiting for the disk where the database allows."""
+    with publishing_transaction():
         TaskRecord.objects.filter(id__in=ids).transition(
             (TaskState.PENDING, TaskState.RETRY),
             state=TaskState.QUEUED, published_at=timezone.now(), next_attempt_at=None,
@@ -303,18 +313,22 @@ def _mark_queued(ids: list[Any]) -> None:
         )
 
 
-def _record_publish_failure(ids: list[Any], exc: Exception) -> None:
+def _record_publish_failure(ids: list[Any], exc: Exception, retry_at: datetime | None) -> None:
+    changes: dict[str, Any] = {
+        "publish_attempts": F("publish_attempts") + 1,
+        "publish_error": f"{type(exc).__name__}: {exc}"[:2000],
+    }
+    if retry_at is not None:
+        changes["next_attempt_at"] = retry_at
     try:
-        TaskRecord.objects.filter(id__in=ids).transition(
-            (TaskState.PENDING, TaskState.RETRY),
-            publish_attempts=F("publish_attempts") + 1,
-            publish_error=f"{type(exc).__name__}: {exc}"[:2000],
-        )
+        with transaction.atomic():  # a failure here must not break a surrounding transaction
+            TaskRecord.objects.filter(id__in=ids).transition(
+                (TaskState.PENDING, TaskState.RETRY), **changes)
     except Exception:  # noqa: BLE001 - the rows are PENDING either way; the sweeper acts
         logger.exception("recording a publish failure failed")
 
 
-def _run_eagerly(app: Celery, records: Sequence[TaskRecord]) -> int:
+def _run_eagerly(app: Celery, records: Sequence[Publishable]) -> int:
     """``task_always_eager``: run each task here and now, through its claim, like a worker."""
     for record in records:
         app.tasks[record.task_name].apply(

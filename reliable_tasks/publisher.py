@@ -4,29 +4,38 @@ The connection is the app's own (one per thread and process), with socket timeou
 connection retries, so a publish to a down or hung Redis fails within ``PUBLISH_TIMEOUT``
 instead of blocking the caller. Messages of one batch go out in one Redis pipeline
 (kombu's ``Producer.batch``).
+
+Each message is built and sent by Celery itself (``amqp.create_task_message`` and
+``amqp.send_task_message``: protocol 2, the publish signals, the queue declaration). What is the
+same for every message of a batch is worked out once per batch: the task's registration and
+defaults, the routing of each distinct set of options (when no ``task_routes`` could look at the
+arguments), Celery settings that are slow to read, and the ``origin`` field.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any, NamedTuple
+from uuid import UUID
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
 from kombu import Connection, Producer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.sentinel import SentinelConnectionPool
 
 from reliable_tasks.celery_app import find_task
 from reliable_tasks.conf import app_settings
+from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored
-
-if TYPE_CHECKING:
-    from reliable_tasks.models import TaskRecord
 
 logger = logging.getLogger(__name__)
 
@@ -124,15 +133,60 @@ def close_publisher() -> None:
     _reset_local()
 
 
+class PublishRow(NamedTuple):
+    """The columns of a ledger row that publishing reads, loaded without a model instance.
+
+    The names are ``TaskRecord``'s fields: ``values_list(*PublishRow._fields)`` loads them.
+    """
+
+    id: UUID
+    task_name: str
+    args: Any
+    kwargs: Any
+    options: Any
+    attempts: int
+    eta: datetime | None
+    expires_at: datetime | None
+    root_id: UUID | None
+    parent_id: UUID | None
+
+
+#: What publishing takes: ledger rows as model instances, or just the columns it reads.
+Publishable = TaskRecord | PublishRow
+
+
+class _Route(NamedTuple):
+    """What the messages of one task sent with the same stored options share."""
+
+    options: dict[str, Any]  # publish options, routed by Celery
+    arguments: dict[str, Any]  # task-message arguments: time limits, group, links, ...
+
+
+def _options_key(stored: Any) -> str:
+    """A key equal for equal stored options (plain JSON)."""
+    return json.dumps(stored, sort_keys=True, separators=(",", ":")) if stored else ""
+
+
 class _BatchContext:
-    """What one batch looks up once: each task's registration and defaults, declared queues."""
+    """What one batch works out once: tasks, routes, slow Celery settings, declared queues."""
 
     def __init__(self, app: Celery) -> None:
+        amqp = app.amqp
         self.app = app
+        self.create_message = amqp.create_task_message
+        self.send_message = amqp.send_task_message
+        self.router = amqp.router
+        # Without task_routes, a route depends on the task and its options, never on arguments.
+        self.reuse_routes = not self.router.routes  # type: ignore[attr-defined]
         self.tasks: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self.routes: dict[tuple[str, str], _Route] = {}
         self.declared: set[str] = set()
         self.reply_to = app.thread_oid
         self.sent_event = app.conf.task_send_sent_event
+        self.repr_maxlevels = app.conf.task_repr_maxlevels
+        self.argsrepr_maxsize = amqp.argsrepr_maxsize
+        self.kwargsrepr_maxsize = amqp.kwargsrepr_maxsize
+        self.origin = anon_nodename()
 
     def task(self, name: str) -> tuple[Any, dict[str, Any]]:
         """The task registered as ``name`` and its non-empty execution options."""
@@ -144,6 +198,50 @@ class _BatchContext:
             self.tasks[name] = (task_type, defaults)
         return self.tasks[name]
 
+    def route(self, row: Publishable, args: Any, kwargs: Any) -> _Route:
+        """``row``'s publish options and message arguments, as new dicts the caller may change."""
+        if not self.reuse_routes:
+            return self._route(row, args, kwargs)
+        key = (row.task_name, _options_key(row.options))
+        found = self.routes.get(key)
+        if found is None:
+            found = self.routes[key] = self._route(row, args, kwargs)
+        return _Route(dict(found.options), dict(found.arguments))
+
+    def _route(self, row: Publishable, args: Any, kwargs: Any) -> _Route:
+        # A copy: Celery's routing changes the dict it is given, and the row's own must not.
+        options: dict[str, Any] = dict(from_stored(row.options)) if row.options else {}
+        task_type, defaults = self.task(row.task_name)
+        arguments = {key: options.pop(key) for key in _MESSAGE_ARGUMENTS if key in options}
+        if task_type is not None:
+            for key, value in defaults.items():
+                options.setdefault(key, value)
+            options.pop("expires", None)
+            arguments.setdefault("time_limit", options.pop("time_limit", None))
+            arguments.setdefault("soft_time_limit", options.pop("soft_time_limit", None))
+            # As apply_async does: the worker reads it from the message, not from the task.
+            arguments.setdefault("ignore_result", task_type.ignore_result)
+        options = self.router.route(options, row.task_name, args, kwargs, task_type)
+        return _Route(options, arguments)
+
+    def computed_fields(self, options: dict[str, Any], args: Any,
+                        kwargs: Any) -> dict[str, Any]:
+        """The fields Celery would compute for the message (reprs, origin) unless given.
+
+        Computed here with the batch's settings, as Celery does: ``saferepr`` of the
+        arguments (``()`` and ``{}`` when there are none) and this process' node name.
+        """
+        fields: dict[str, Any] = {}
+        if "argsrepr" not in options:
+            fields["argsrepr"] = saferepr(args, self.argsrepr_maxsize,
+                                          maxlevels=self.repr_maxlevels) if args else "()"
+        if "kwargsrepr" not in options:
+            fields["kwargsrepr"] = saferepr(kwargs, self.kwargsrepr_maxsize,
+                                            maxlevels=self.repr_maxlevels) if kwargs else "{}"
+        if "origin" not in options:
+            fields["origin"] = self.origin
+        return fields
+
     def declare_once(self, options: dict[str, Any]) -> None:
         """Let Celery declare a queue for the first message of the batch that uses it only."""
         queue = options.get("queue")
@@ -154,36 +252,27 @@ class _BatchContext:
             self.declared.add(name)
 
 
-def _send_one(batch: _BatchContext, producer: Producer, record: TaskRecord) -> None:
-    app = batch.app
-    options: dict[str, Any] = from_stored(record.options) if record.options else {}
-    task_type, defaults = batch.task(record.task_name)
-    message_arguments = {key: options.pop(key) for key in _MESSAGE_ARGUMENTS if key in options}
+def _send_one(batch: _BatchContext, producer: Producer, row: Publishable) -> None:
+    args, kwargs = from_stored(row.args), from_stored(row.kwargs)
+    options, arguments = batch.route(row, args, kwargs)
     # Celery's request.retries counts the runs before this one, whoever re-published it.
-    message_arguments["retries"] = record.attempts
-    if task_type is not None:
-        for key, value in defaults.items():
-            options.setdefault(key, value)
-        options.pop("expires", None)
-        message_arguments.setdefault("time_limit", options.pop("time_limit", None))
-        message_arguments.setdefault("soft_time_limit", options.pop("soft_time_limit", None))
-    args, kwargs = from_stored(record.args), from_stored(record.kwargs)
-    options = app.amqp.router.route(options, record.task_name, args, kwargs, task_type)
+    arguments["retries"] = row.attempts
     batch.declare_once(options)
-    link = message_arguments.pop("link", None)
-    link_error = message_arguments.pop("link_error", None)
-    message = app.amqp.create_task_message(
-        str(record.id), record.task_name, args, kwargs,
-        eta=record.eta, expires=record.expires_at,
+    link = arguments.pop("link", None)
+    link_error = arguments.pop("link_error", None)
+    message = batch.create_message(
+        str(row.id), row.task_name, args, kwargs,
+        eta=row.eta, expires=row.expires_at,
         callbacks=_as_list(link), errbacks=_as_list(link_error),
         reply_to=options.pop("reply_to", None) or batch.reply_to,
         create_sent_event=batch.sent_event,
-        root_id=str(record.root_id) if record.root_id else None,
-        parent_id=str(record.parent_id) if record.parent_id else None,
-        **message_arguments,
+        root_id=str(row.root_id) if row.root_id else None,
+        parent_id=str(row.parent_id) if row.parent_id else None,
+        **batch.computed_fields(options, args, kwargs),
+        **arguments,
         **options,
     )
-    app.amqp.send_task_message(producer, record.task_name, message, retry=False, **options)
+    batch.send_message(producer, row.task_name, message, retry=False, **options)
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -192,7 +281,7 @@ def _as_list(value: Any) -> list[Any] | None:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def send_records(app: Celery, records: Sequence[TaskRecord]) -> None:
+def send_records(app: Celery, records: Sequence[Publishable]) -> None:
     """Publish ``records`` in one pipelined batch; raise if the batch did not go out.
 
     When this raises, delivery of the batch is uncertain: some messages may have reached Redis.

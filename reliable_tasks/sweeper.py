@@ -5,9 +5,12 @@ One pass:
 2. notices a broker that lost its data (the Redis server's run id changed) and makes the
    QUEUED rows published before the change due for re-publishing;
 3. publishes due rows: PENDING past the publish grace or their held delay, RETRY past their
-   backoff. Each batch is taken with one conditional UPDATE stamped with the pass's token
-   (after ``SELECT ... FOR UPDATE SKIP LOCKED`` where the database has it), so concurrent
-   sweepers never publish the same row twice;
+   backoff. Concurrent sweepers never publish the same row twice: where the database has
+   ``SKIP LOCKED``, a batch is locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` and stays
+   locked until it is published and marked in the same transaction (other passes skip it, and
+   a pass that dies lets it go at once), and a backlog is published by two such loops at once;
+   elsewhere a batch is taken with one conditional UPDATE stamped with the pass's token, which
+   also pushes the rows' next attempt past the grace;
 4. pushes schedules whose last change did not reach RedBeat;
 5. prunes finished rows older than ``RETENTION``.
 """
@@ -15,13 +18,14 @@ One pass:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from reliable_tasks.broker_epoch import check_broker_epoch
@@ -29,7 +33,9 @@ from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.metrics import observe_sweep
 from reliable_tasks.models import TaskRecord
-from reliable_tasks.outbox import publish_records
+from reliable_tasks.outbox import publish_records, publishing_transaction
+from reliable_tasks.publisher import PublishRow, close_publisher
+from reliable_tasks.querysets import TaskRecordQuerySet
 from reliable_tasks.states import TaskState
 from reliable_tasks.sync import push_marked
 
@@ -148,36 +154,123 @@ def requeue_after_broker_loss(since: datetime, now: datetime, batch_size: int,
     return requeued
 
 
-def _take_due_batch(now: datetime, batch_size: int) -> list[TaskRecord]:
-    """Take up to ``batch_size`` due rows for this pass; no other pass can take them too."""
+def _due_rows(now: datetime) -> TaskRecordQuerySet:
+    return (TaskRecord.objects.due_for_publish(now).filter(adopted=False)
+            .order_by("next_attempt_at"))
+
+
+def _load_rows(rows: TaskRecordQuerySet) -> list[PublishRow]:
+    """The columns publishing reads, as tuples: no model instance per row."""
+    return [PublishRow._make(values) for values in rows.values_list(*PublishRow._fields)]
+
+
+def _publish_locked_batch(now: datetime, batch_size: int) -> tuple[int, int]:
+    """Lock up to ``batch_size`` due rows, publish and mark them; return (taken, published).
+
+    The rows stay locked until the transaction that marks them commits: concurrent passes skip
+    them meanwhile, and find them QUEUED afterwards. A failed publish is recorded in the same
+    transaction and makes the rows due again after the grace.
+    """
+    retry_at = now + timedelta(seconds=app_settings.PUBLISH_GRACE)
+    with publishing_transaction():
+        rows = _load_rows(_due_rows(now).select_for_update(skip_locked=True)[:batch_size])
+        return len(rows), publish_records(rows, retry_at=retry_at)
+
+
+def _publish_claimed_batch(now: datetime, batch_size: int) -> tuple[int, int]:
+    """Claim up to ``batch_size`` due rows with a token, publish them; return (taken, published).
+
+    For databases without ``SKIP LOCKED``: the conditional UPDATE lets one pass claim a row and
+    makes it due again only after the grace, so no other pass takes it meanwhile.
+    """
     token = uuid.uuid4().hex
     grace = timedelta(seconds=app_settings.PUBLISH_GRACE)
     with transaction.atomic():
-        candidates = (TaskRecord.objects.due_for_publish(now).filter(adopted=False)
-                      .order_by("next_attempt_at"))
-        if connection.features.has_select_for_update_skip_locked:
-            candidates = candidates.select_for_update(skip_locked=True)
-        ids = list(candidates.values_list("id", flat=True)[:batch_size])
+        ids = list(_due_rows(now).values_list("id", flat=True)[:batch_size])
         if not ids:
-            return []
+            return 0, 0
         TaskRecord.objects.filter(id__in=ids).due_for_publish(now).update(
             publish_claim=token, next_attempt_at=now + grace)
-    return list(TaskRecord.objects.filter(id__in=ids, publish_claim=token))
+    rows = _load_rows(TaskRecord.objects.filter(id__in=ids, publish_claim=token))
+    return len(rows), publish_records(rows)
+
+
+class _Publishing:
+    """The publishing step of one pass: its counts, shared by its loops; a failure stops all."""
+
+    def __init__(self, now: datetime, batch_size: int, budget: _Budget) -> None:
+        self.now = now
+        self.batch_size = batch_size
+        self.budget = budget
+        self.locked = connection.features.has_select_for_update_skip_locked
+        self.published = 0
+        self.failed = 0
+        self.stopped = threading.Event()
+        self._counting = threading.Lock()
+
+    def next_batch(self) -> bool:
+        """Publish one batch; return whether it was full and went out (more may be due)."""
+        publish_batch = _publish_locked_batch if self.locked else _publish_claimed_batch
+        taken, sent = publish_batch(self.now, self.batch_size)
+        with self._counting:
+            self.published += sent
+            self.failed += taken - sent
+        if sent < taken:
+            self.stopped.set()  # the broker is failing: leave the rest for the next pass
+        return sent == taken == self.batch_size
+
+    def run(self) -> None:
+        """Publish batches until none is full, one fails, or the pass' time is up."""
+        while self.budget.left() and not self.stopped.is_set():
+            if not self.next_batch():
+                return
+
+    def run_in_two_loops(self) -> None:
+        """``run()`` in this thread and, at the same time, in a helper thread.
+
+        The helper has its own database and broker connections (closed when it is done), so
+        one loop builds and sends messages while the other waits for the database. Its rows
+        are its own: the batches of both loops are locked with SKIP LOCKED.
+        """
+        failures: list[BaseException] = []
+
+        def helper() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # raised again in the caller's thread below
+                self.stopped.set()
+                failures.append(exc)
+            finally:
+                close_publisher()
+                connections.close_all()
+
+        thread = threading.Thread(target=helper, name="reliable_tasks.sweep.publish")
+        thread.start()
+        try:
+            self.run()
+        except BaseException:
+            self.stopped.set()
+            raise
+        finally:
+            thread.join()
+        if failures:
+            raise failures[0]
 
 
 def publish_due_rows(now: datetime, batch_size: int, budget: _Budget) -> tuple[int, int]:
-    """Publish due rows in batches; return (published, failed)."""
-    published = failed = 0
-    while budget.left():
-        batch = _take_due_batch(now, batch_size)
-        if not batch:
-            break
-        sent = publish_records(batch)
-        published += sent
-        if sent < len(batch):
-            failed += len(batch) - sent
-            break  # the broker is failing: leave the rest for the next pass
-    return published, failed
+    """Publish due rows in batches; return (published, failed).
+
+    A backlog (a first batch that comes back full) is published by two loops at once where
+    rows are locked with SKIP LOCKED, unless the pass runs inside a transaction: another
+    connection would not see the rows that transaction wrote.
+    """
+    publishing = _Publishing(now, batch_size, budget)
+    if budget.left() and publishing.next_batch():
+        if publishing.locked and not connection.in_atomic_block:
+            publishing.run_in_two_loops()
+        else:
+            publishing.run()
+    return publishing.published, publishing.failed
 
 
 def prune_finished(now: datetime, batch_size: int, budget: _Budget) -> int:

@@ -253,3 +253,18 @@ def test_eager_mode_runs_the_task_after_commit_through_its_claim(redis_server):
     assert row.state == TaskState.SUCCESS
     assert Execution.objects.filter(token="eager").count() == 1
     assert queue_length(redis_server) == 0
+
+
+def test_the_message_carries_the_tasks_ignore_result(redis_server):
+    """A task that ignores its result must not have it stored by the worker's result backend."""
+    import json
+
+    from example_project.demo.tasks import noop
+
+    dispatch(noop)
+    dispatch(add, (1, 2))
+
+    messages = [json.loads(raw) for raw in redis_server.client().lrange("celery", 0, -1)]
+    flags = {message["headers"]["task"]: message["headers"]["ignore_result"]
+             for message in messages}
+    assert flags == {"demo.noop": True, "demo.add": False}

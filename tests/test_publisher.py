@@ -1,0 +1,123 @@
+"""The messages the publisher sends, read back from a real Redis, one batch at a time."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+
+from example_project.celery import app
+from example_project.demo.tasks import add
+from reliable_tasks import dispatch
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.publisher import send_records
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ETA = datetime(2031, 2, 3, 4, 5, 6, 789000, tzinfo=UTC)
+EXPIRES = datetime(2031, 2, 4, tzinfo=UTC)
+OTHER = {"queue": "other", "priority": 3, "headers": {"x-trace": "t1"}, "time_limit": 30}
+
+
+def sent_messages(redis_server) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every task message waiting in Redis, by task id: (its Redis key, the decoded message)."""
+    client = redis_server.client()
+    found = {}
+    for key in client.keys("*"):
+        if key.startswith("_kombu") or client.type(key) != "list":
+            continue
+        for raw in client.lrange(key, 0, -1):
+            message = json.loads(raw)
+            message["body"] = json.loads(base64.b64decode(message["body"]))
+            found[message["headers"]["id"]] = (key, message)
+    return found
+
+
+@pytest.fixture
+def routed_by_first_argument() -> Iterator[None]:
+    """``task_routes`` that send ``demo.add`` to the queue ``q<first argument>``."""
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None,
+              **_: Any) -> dict[str, str] | None:
+        return {"queue": f"q{args[0]}"} if name == "demo.add" else None
+
+    app.conf.update(task_routes=(route,))
+    try:
+        yield
+    finally:
+        app.conf.update(task_routes=None)
+
+
+def test_each_message_of_a_batch_carries_its_own_rows_options_and_arguments(redis_server):
+    lineage = {"parent_id": uuid.uuid4(), "root_id": uuid.uuid4()}
+    rows = [
+        TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[1, 2], options=dict(OTHER)),
+        TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[3, 4], options=dict(OTHER)),
+        TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[5, 6], options={"priority": 1},
+                   attempts=2, eta=ETA, expires_at=EXPIRES, **lineage),
+        TaskRecord(id=uuid.uuid4(), task_name="demo.record", args=["secret"],
+                   kwargs={"sleep": 0.0}, options={"argsrepr": "('***',)"}),
+        TaskRecord(id=uuid.uuid4(), task_name="demo.noop"),
+    ]
+
+    send_records(app, rows)
+
+    sent = sent_messages(redis_server)
+    assert set(sent) == {str(row.id) for row in rows}
+    for row in rows:
+        key, message = sent[str(row.id)]
+        headers, properties = message["headers"], message["properties"]
+        assert (headers["lang"], headers["task"]) == ("py", row.task_name), "protocol 2"
+        assert message["body"][:2] == [row.args, row.kwargs]
+        assert headers["retries"] == row.attempts
+        assert headers["ignore_result"] is (row.task_name == "demo.noop"), "the task's own"
+        assert headers["origin"] == anon_nodename()
+        assert properties["correlation_id"] == str(row.id)
+        if row.task_name == "demo.add" and row.options == OTHER:
+            assert key.startswith("other")
+            assert properties["delivery_info"]["routing_key"] == "other"
+            assert properties["priority"] == 3
+            assert headers["x-trace"] == "t1"
+            assert headers["timelimit"] == [30, None]
+            assert headers["argsrepr"] == saferepr(row.args)
+            assert headers["root_id"] == str(row.id) and headers["parent_id"] is None
+        else:
+            assert key == "celery"
+            assert "x-trace" not in headers
+    _, delayed = sent[str(rows[2].id)]
+    assert (delayed["headers"]["eta"], delayed["headers"]["expires"]) == (
+        ETA.isoformat(), EXPIRES.isoformat())
+    assert delayed["headers"]["parent_id"] == str(lineage["parent_id"])
+    assert delayed["headers"]["root_id"] == str(lineage["root_id"])
+    assert delayed["properties"]["priority"] == 1
+    assert sent[str(rows[3].id)][1]["headers"]["argsrepr"] == "('***',)", "given, kept"
+    assert sent[str(rows[3].id)][1]["headers"]["kwargsrepr"] == saferepr({"sleep": 0.0})
+    noop = sent[str(rows[4].id)][1]["headers"]
+    assert (noop["argsrepr"], noop["kwargsrepr"]) == ("()", "{}"), "as Celery shows no arguments"
+
+
+def test_task_routes_that_read_the_arguments_route_each_message_by_its_own(
+        redis_server, routed_by_first_argument):
+    rows = [TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[n, 0]) for n in (1, 2, 1)]
+
+    send_records(app, rows)
+
+    sent = sent_messages(redis_server)
+    assert [sent[str(row.id)][0] for row in rows] == ["q1", "q2", "q1"]
+
+
+def test_publishing_leaves_the_records_options_as_they_were_recorded(redis_server):
+    options = {"queue": "other", "priority": 3, "time_limit": 30, "headers": {"x-trace": "t2"}}
+
+    row = dispatch(add, (1, 2), **options)
+
+    assert row.options == options
+    assert TaskRecord.objects.get(pk=row.pk).options == options
+    assert str(row.id) in sent_messages(redis_server)
