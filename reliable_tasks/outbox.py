@@ -22,6 +22,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from reliable_tasks import statements
 from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
@@ -303,14 +304,16 @@ def publishing_transaction() -> Iterator[None]:
         yield
 
 
+#: Rows marked QUEUED per statement (SQLite limits the parameters of one statement).
+MARK_CHUNK = 2000
+
+
 def _mark_queued(ids: list[Any]) -> None:
     """Mark published rows QUEUED, without waiting for the disk where the database allows."""
+    now = timezone.now()
     with publishing_transaction():
-        TaskRecord.objects.filter(id__in=ids).transition(
-            (TaskState.PENDING, TaskState.RETRY),
-            state=TaskState.QUEUED, published_at=timezone.now(), next_attempt_at=None,
-            publish_attempts=F("publish_attempts") + 1, publish_error="",
-        )
+        for start in range(0, len(ids), MARK_CHUNK):
+            statements.mark_queued(ids[start:start + MARK_CHUNK], now=now)
 
 
 def _record_publish_failure(ids: list[Any], exc: Exception, retry_at: datetime | None) -> None:

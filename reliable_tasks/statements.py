@@ -1,11 +1,11 @@
-"""The ledger's two per-task statements, the claim and the success, as hand-written SQL.
+"""The ledger's per-task statements as hand-written SQL: the claim, the success, the QUEUED mark.
 
-Every task run costs a claim and an outcome. Built through the ORM, each of these UPDATEs spends
-about a millisecond compiling (lookups, expressions, query clones) on top of its round trip:
-more than the statement itself. Here each is written once per connection, quoted and with its
-values adapted by Django's own backend operations, so the run pays only the round trip. They
-mean exactly what the ORM versions in ``ledger`` meant; the ledger tests exercise them on every
-database.
+Every task run costs a claim and an outcome, and every dispatch a mark once published. Built
+through the ORM, each of these UPDATEs spends about a millisecond compiling (lookups,
+expressions, query clones) on top of its round trip: more than the statement itself. Here each
+is written once per connection, quoted and with its values adapted by Django's own backend
+operations, so the caller pays only the round trip. They mean exactly what the ORM versions
+meant; the ledger and outbox tests exercise them on every database.
 """
 
 from __future__ import annotations
@@ -62,6 +62,19 @@ def _success_sql(alias: str) -> str:
             f"WHERE {pk} = %s AND {worker} = %s AND {started} = %s AND {state} IN ({states})")
 
 
+@lru_cache(maxsize=64)
+def _queued_sql(alias: str, count: int) -> str:
+    quote = connections[alias].ops.quote_name
+    table = quote(TaskRecord._meta.db_table)
+    state, published, next_attempt, attempts, error, pk = (
+        quote(_column(name)) for name in ("state", "published_at", "next_attempt_at",
+                                          "publish_attempts", "publish_error", "id"))
+    ids = ", ".join(["%s"] * count)
+    return (f"UPDATE {table} SET {state} = %s, {published} = %s, {next_attempt} = NULL, "
+            f"{attempts} = {attempts} + 1, {error} = '' "
+            f"WHERE {pk} IN ({ids}) AND {state} IN (%s, %s)")
+
+
 def _execute(sql: str, params: Iterable[Any], alias: str) -> int:
     with connections[alias].cursor() as cursor:
         cursor.execute(sql, list(params))
@@ -98,4 +111,13 @@ def succeed(task_id: str, *, worker: str, started_at: datetime, now: datetime) -
     return _execute(_success_sql(alias), [
         TaskState.SUCCESS.value, _moment(now, alias), _id(task_id, alias), worker,
         _moment(started_at, alias), *(state.value for state in SUCCESS_FROM_STATES),
+    ], alias)
+
+
+def mark_queued(task_ids: list[Any], *, now: datetime) -> int:
+    """QUEUED for published rows still PENDING or RETRY; returns the number of rows changed."""
+    alias = _alias()
+    return _execute(_queued_sql(alias, len(task_ids)), [
+        TaskState.QUEUED.value, _moment(now, alias), *(_id(str(pk), alias) for pk in task_ids),
+        TaskState.PENDING.value, TaskState.RETRY.value,
     ], alias)
