@@ -556,6 +556,14 @@ def wait_until_settled(done: Callable[[], bool], prefix: str, deadline: float,
         time.sleep(0.5)
 
 
+def ledger_finished() -> bool:
+    """A check: is every ledger row finished (none waiting, queued or running)?"""
+    from reliable_tasks.models import TaskRecord
+    from reliable_tasks.states import FINISHED_STATES
+
+    return not TaskRecord.objects.exclude(state__in=list(FINISHED_STATES)).exists()
+
+
 def all_ran(prefix: str, accepted: Sequence[str]) -> Callable[[], bool]:
     """A check: has every accepted token run at least once?"""
     wanted = set(accepted)
@@ -780,10 +788,15 @@ def kill_worker_and_master(rig: Rig, topology: SentinelTopology, variant: Varian
                 return rig.worker(topology, env=worker_env(variant))
 
             supervisor = Supervisor(rig, topology, workers, start_worker, prefix)
+            ran = all_ran(prefix, log.accepted)
+
+            def settled() -> bool:
+                # A task killed mid-run may still be re-running once every body ran once.
+                return ran() and (variant != "reliable" or ledger_finished())
+
             with running(supervisor):
                 deadline = time.monotonic() + 90
-                wait_until_settled(all_ran(prefix, log.accepted), prefix, deadline,
-                                   quiet_seconds=STALL_SECONDS * 2)
+                wait_until_settled(settled, prefix, deadline, quiet_seconds=STALL_SECONDS * 2)
         _fill(outcome, log, prefix, recovered_at, supervisor, None)
         outcome.fault_seconds = failover_seconds
     return outcome
