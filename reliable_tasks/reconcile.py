@@ -212,12 +212,17 @@ def reconcile_schedules(*, dry_run: bool, prune: bool = True,
 
     ``reconcile()`` is the entry point that serializes concurrent repairs.
     """
-    state = _read_database()
-    _read_redis(state, progress)
-    plan = _plan(state, prune)
+    state, plan = _diff(prune, progress)
     if not dry_run:
         apply_plan(state, plan, progress)
     return plan
+
+
+def _diff(prune: bool, progress: Progress) -> tuple[_State, SchedulePlan]:
+    """Read the database, then Redis, and plan; writes nothing."""
+    state = _read_database()
+    _read_redis(state, progress)
+    return state, _plan(state, prune)
 
 
 def _repair_schedules(*, prune: bool, wait: float,
@@ -229,9 +234,7 @@ def _repair_schedules(*, prune: bool, wait: float,
     meanwhile) and applies what still differs. Returns the plan applied (None if the lock
     stayed busy for ``wait`` seconds) and whether the run was skipped as busy.
     """
-    state = _read_database()
-    _read_redis(state, progress)
-    plan = _plan(state, prune)
+    state, plan = _diff(prune, progress)
     if not plan.drifted:
         mark_synced(state.unsynced)
         return plan, False

@@ -29,19 +29,18 @@ def _alias() -> str:
     return router.db_for_write(TaskRecord)
 
 
-def _column(name: str) -> str:
-    field: Any = TaskRecord._meta.get_field(name)
-    return str(field.column)
+def _quoted(alias: str, *fields: str) -> list[str]:
+    """The ledger's table name, then the column of each of ``fields``, quoted for ``alias``."""
+    quote = connections[alias].ops.quote_name
+    found: list[Any] = [TaskRecord._meta.get_field(name) for name in fields]
+    return [quote(TaskRecord._meta.db_table), *(quote(str(field.column)) for field in found)]
 
 
 @lru_cache(maxsize=8)
 def _claim_sql(alias: str) -> str:
-    quote = connections[alias].ops.quote_name
-    table = quote(TaskRecord._meta.db_table)
-    state, attempts, worker, started, lease, next_attempt, expires, pk = (
-        quote(_column(name)) for name in ("state", "attempts", "worker", "started_at",
-                                          "lease_expires_at", "next_attempt_at", "expires_at",
-                                          "id"))
+    table, state, attempts, worker, started, lease, next_attempt, expires, pk = _quoted(
+        alias, "state", "attempts", "worker", "started_at", "lease_expires_at",
+        "next_attempt_at", "expires_at", "id")
     states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
     return (f"UPDATE {table} SET {state} = %s, {attempts} = {attempts} + 1, {worker} = %s, "
             f"{started} = %s, {lease} = %s, {next_attempt} = NULL "
@@ -51,11 +50,9 @@ def _claim_sql(alias: str) -> str:
 
 @lru_cache(maxsize=8)
 def _success_sql(alias: str) -> str:
-    quote = connections[alias].ops.quote_name
-    table = quote(TaskRecord._meta.db_table)
-    state, finished, lease, next_attempt, pk, worker, started = (
-        quote(_column(name)) for name in ("state", "finished_at", "lease_expires_at",
-                                          "next_attempt_at", "id", "worker", "started_at"))
+    table, state, finished, lease, next_attempt, pk, worker, started = _quoted(
+        alias, "state", "finished_at", "lease_expires_at", "next_attempt_at", "id", "worker",
+        "started_at")
     states = ", ".join(["%s"] * len(SUCCESS_FROM_STATES))
     return (f"UPDATE {table} SET {state} = %s, {finished} = %s, {lease} = NULL, "
             f"{next_attempt} = NULL "
@@ -64,11 +61,9 @@ def _success_sql(alias: str) -> str:
 
 @lru_cache(maxsize=64)
 def _queued_sql(alias: str, count: int) -> str:
-    quote = connections[alias].ops.quote_name
-    table = quote(TaskRecord._meta.db_table)
-    state, published, next_attempt, attempts, error, pk = (
-        quote(_column(name)) for name in ("state", "published_at", "next_attempt_at",
-                                          "publish_attempts", "publish_error", "id"))
+    table, state, published, next_attempt, attempts, error, pk = _quoted(
+        alias, "state", "published_at", "next_attempt_at", "publish_attempts", "publish_error",
+        "id")
     ids = ", ".join(["%s"] * count)
     return (f"UPDATE {table} SET {state} = %s, {published} = %s, {next_attempt} = NULL, "
             f"{attempts} = {attempts} + 1, {error} = '' "
