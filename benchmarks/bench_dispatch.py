@@ -83,6 +83,18 @@ def dispatch_autocommit(n: int) -> None:
         dispatch(noop)
 
 
+def dispatch_autocommit_in_background(n: int) -> None:
+    """As ``dispatch_autocommit`` with ``PUBLISH_IN_BACKGROUND``, timed until all are QUEUED."""
+    from django.test import override_settings
+
+    from reliable_tasks import background
+
+    with override_settings(RELIABLE_TASKS_PUBLISH_IN_BACKGROUND=True):
+        dispatch_autocommit(n)
+        if not background.flush(timeout=60):
+            raise RuntimeError("the background publisher did not catch up within 60 s")
+
+
 def dispatch_many_bulk(n: int) -> None:
     """``dispatch_many`` of ``n`` signatures (building them included)."""
     from reliable_tasks import dispatch_many
@@ -186,6 +198,8 @@ SCENARIOS = (
     Scenario("1 per autocommit, N=300", 300, (
         Variant(PLAIN, "plain apply_async() x300", plain_loop),
         Variant(RELIABLE, "dispatch() x300", dispatch_autocommit, goal=0.5),
+        Variant(RELIABLE, "dispatch() x300, in background", dispatch_autocommit_in_background,
+                goal=0.5),
         Variant(NAIVE, "naive: create+publish+UPDATE each", naive_autocommit, reference=0.29),
     )),
     Scenario("bulk of 5000", 5000, (

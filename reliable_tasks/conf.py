@@ -31,6 +31,11 @@ SPECS: dict[str, SettingSpec] = {
     "PUBLISH_GRACE": SettingSpec(
         30, (int, float), "Seconds a PENDING row may wait for its after-commit publish "
         "before the sweeper publishes it.", minimum=0),
+    "PUBLISH_IN_BACKGROUND": SettingSpec(
+        False, (bool,), "True: a commit hands its tasks to a background thread of the process "
+        "that publishes them in batches, so the caller pays only for its INSERT. Rows the "
+        "thread never gets to (the process was killed) are published by the sweeper after "
+        "PUBLISH_GRACE. Needs a server that runs Python threads (uWSGI: --enable-threads)."),
     "PUBLISH_TIMEOUT": SettingSpec(
         2.0, (int, float), "Upper bound in seconds of one publish attempt (connect and "
         "write), so a request never hangs on a down or hung Redis.", minimum=0.05),
@@ -99,6 +104,10 @@ class ReliableTasksSettings:
     @property
     def PUBLISH_GRACE(self) -> float:
         return float(self._get("PUBLISH_GRACE"))
+
+    @property
+    def PUBLISH_IN_BACKGROUND(self) -> bool:
+        return bool(self._get("PUBLISH_IN_BACKGROUND"))
 
     @property
     def PUBLISH_TIMEOUT(self) -> float:

@@ -23,6 +23,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from reliable_tasks import statements
+from reliable_tasks.background import shared_publisher
 from reliable_tasks.celery_app import find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
@@ -247,7 +248,7 @@ class _PublishHook:
                             .filter(pk__in=[record.pk for record in candidates])
                             .values_list("pk", flat=True))
             batch.extend(record for record in candidates if record.pk in committed)
-        publish_records(batch)
+        publish_committed(batch)
 
 
 def publish_on_commit(records: list[TaskRecord]) -> None:
@@ -260,6 +261,17 @@ def publish_on_commit(records: list[TaskRecord]) -> None:
     if to_publish:
         using = DEFAULT_DB_ALIAS
         transaction.on_commit(_PublishHook(to_publish, using), using=using)
+
+
+def publish_committed(records: list[TaskRecord]) -> None:
+    """Publish the records of a commit now, or hand them to the background publisher.
+
+    ``PUBLISH_IN_BACKGROUND`` decides; ``task_always_eager`` always runs them here and now.
+    """
+    if app_settings.PUBLISH_IN_BACKGROUND and not get_celery_app().conf.task_always_eager:
+        shared_publisher(publish_records).submit(records)
+    else:
+        publish_records(records)
 
 
 def publish_records(records: Sequence[Publishable], *, retry_at: datetime | None = None) -> int:
