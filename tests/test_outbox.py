@@ -63,6 +63,33 @@ def test_dispatch_many_records_and_publishes_in_one_batch(redis_server):
     assert queue_length(redis_server) == 101
 
 
+def test_dispatch_many_stores_exactly_what_dispatch_stores(redis_server):
+    import datetime
+    import decimal
+    import uuid
+
+    parent = uuid.uuid4()
+    args = ([datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+             decimal.Decimal("1.10"), "é"],)
+    options = {"queue": "celery", "countdown": 30, "expires": 600, "priority": 3,
+               "headers": {"origin": "test"}, "max_attempts": 4, "parent_id": parent,
+               "root_id": parent}
+    single = dispatch(record, args, {"note": None}, **options)
+    [bulk] = dispatch_many([(record, args, {"note": None}, options)])
+
+    timed = {"eta", "expires_at", "created_at", "published_at"}
+    rows = {row["id"]: row for row in TaskRecord.objects.values()}
+    stored_single, stored_bulk = rows[single.id], rows[bulk.id]
+    for name in timed:
+        assert abs(stored_single[name] - stored_bulk[name]) < datetime.timedelta(seconds=5)
+    untimed = set(stored_single) - timed - {"id"}
+    assert {name: stored_bulk[name] for name in untimed} == {
+        name: stored_single[name] for name in untimed}
+    assert stored_bulk["state"] == TaskState.QUEUED
+    assert stored_bulk["parent_id"] == parent and stored_bulk["max_attempts"] == 4
+    assert not bulk._state.adding, "the returned records are saved instances"
+
+
 def test_delay_goes_through_the_outbox(redis_server):
     result = add.delay(2, 3)
 
