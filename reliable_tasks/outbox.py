@@ -149,8 +149,9 @@ def new_record(values: Mapping[str, Any]) -> TaskRecord:
     The same as ``TaskRecord(**values)``, built from positional values: Django's keyword path
     costs more than the rest of building a record.
     """
-    return TaskRecord(*[values[field.name] if field.name in values else field.get_default()
-                        for field in _record_fields()])
+    model: Any = TaskRecord  # django-stubs types positional fields as if only ``id`` came first
+    return model(*[values[field.name] if field.name in values else field.get_default()
+                   for field in _record_fields()])
 
 
 def _queue_name(queue: Any) -> str:
