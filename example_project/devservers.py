@@ -159,6 +159,27 @@ def stop_all() -> None:
         raise ExceptionGroup("some dev servers did not stop cleanly", errors)
 
 
+class _StartedInWith:
+    """``with thing:`` starts it and stops it, for classes with ``start()`` and ``stop()``."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 # --- one child process ----------------------------------------------------------------------------
 
 
@@ -237,7 +258,7 @@ class _Child:
 # --- Redis ----------------------------------------------------------------------------------------
 
 
-class RedisServer:
+class RedisServer(_StartedInWith):
     """A throwaway ``redis-server`` on 127.0.0.1: no persistence, its own data directory.
 
     The port is chosen at the first ``start()`` and kept by ``restart()``, so clients configured
@@ -262,17 +283,6 @@ class RedisServer:
 
     def __repr__(self) -> str:
         return f"<RedisServer port={self._port} pid={self.pid}>"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:
@@ -684,7 +694,7 @@ class SentinelServer:
             self._child.reap()
 
 
-class SentinelTopology:
+class SentinelTopology(_StartedInWith):
     """A Redis master, its replicas and the sentinels watching them, all on 127.0.0.1.
 
     Defaults: one replica, three sentinels, quorum 2, a master is down after 1 s without an
@@ -731,17 +741,6 @@ class SentinelTopology:
     def __repr__(self) -> str:
         ports = [server._port for server in self.servers]
         return f"<SentinelTopology {self.master_name} servers={ports}>"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -994,7 +993,7 @@ def celery_app_using(app: Any, conf: Mapping[str, Any]) -> Iterator[None]:
 # --- generic and Celery processes -----------------------------------------------------------------
 
 
-class ManagedProcess:
+class ManagedProcess(_StartedInWith):
     """A long-running command in its own session, its output logged to ``log_path``.
 
     ``start()`` can wait until a line of the log matches ``ready_pattern``. ``stop()`` sends
@@ -1028,17 +1027,6 @@ class ManagedProcess:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} pid={self.pid}>"
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def pid(self) -> int | None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Celery, current_app
 from django.utils.module_loading import import_string
+from kombu import Connection
 
 from reliable_tasks.conf import app_settings
 
@@ -38,3 +39,23 @@ def find_task(app: Celery, name: str) -> Any | None:
                 _discovered.add(id(app))
         task = app.tasks.get(name)
     return task
+
+
+def bounded_broker_connection(app: Celery, timeout: float | None = None) -> Connection:
+    """A new, unopened broker connection of ``app`` that never waits longer than ``timeout``.
+
+    Connecting, each command and the whole connection attempt are bounded by ``timeout``
+    (default ``RELIABLE_TASKS_PUBLISH_TIMEOUT``), with no retries, so a down or hung Redis
+    fails fast. Kombu opens it, so every broker URL kombu understands (``redis://``,
+    ``rediss://``, ``sentinel://``, Unix sockets) works, with the app's transport options.
+    """
+    timeout = app_settings.PUBLISH_TIMEOUT if timeout is None else timeout
+    return app.connection_for_write(
+        connect_timeout=timeout,
+        transport_options={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry_on_timeout": False,
+            "max_retries": 0,
+        },
+    )

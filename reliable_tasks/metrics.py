@@ -36,7 +36,7 @@ from django.db.models import Count, F, Min, Q, Sum
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
-from reliable_tasks.celery_app import get_celery_app
+from reliable_tasks.celery_app import bounded_broker_connection, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.models import PeriodicSchedule, TaskRecord, WorkerHeartbeat
 from reliable_tasks.states import TaskState
@@ -62,22 +62,10 @@ DRIFT_ACTIONS = ("create", "update", "remove")
 def broker_redis(app: Celery | None = None, timeout: float | None = None) -> Iterator[Any]:
     """Yield a Redis client of the broker over a fresh connection; close it afterwards.
 
-    Connecting, each command and the whole connection attempt are bounded by ``timeout``
-    (default ``RELIABLE_TASKS_PUBLISH_TIMEOUT``), with no retries, so a down or hung Redis
-    fails fast. Kombu opens it, so every broker URL kombu understands (``redis://``,
-    ``rediss://``, ``sentinel://``, Unix sockets) works, with the app's transport options.
+    See ``bounded_broker_connection`` for the bounds (``timeout``, default
+    ``RELIABLE_TASKS_PUBLISH_TIMEOUT``) and the URLs it understands.
     """
-    app = app or get_celery_app()
-    timeout = app_settings.PUBLISH_TIMEOUT if timeout is None else timeout
-    connection = app.connection_for_write(
-        connect_timeout=timeout,
-        transport_options={
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry_on_timeout": False,
-            "max_retries": 0,
-        },
-    )
+    connection = bounded_broker_connection(app or get_celery_app(), timeout)
     try:
         channel: Any = connection.default_channel  # kombu's Redis channel (typed as StdChannel)
         yield channel.client

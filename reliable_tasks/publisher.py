@@ -32,8 +32,7 @@ from kombu import Connection, Producer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.sentinel import SentinelConnectionPool
 
-from reliable_tasks.celery_app import find_task
-from reliable_tasks.conf import app_settings
+from reliable_tasks.celery_app import bounded_broker_connection, find_task
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored
 
@@ -63,19 +62,6 @@ class _ThreadPublisher(threading.local):
 _local = _ThreadPublisher()
 
 
-def _bounded_connection(app: Celery) -> Connection:
-    timeout = app_settings.PUBLISH_TIMEOUT
-    return app.connection_for_write(
-        connect_timeout=timeout,
-        transport_options={
-            "socket_timeout": timeout,
-            "socket_connect_timeout": timeout,
-            "retry_on_timeout": False,
-            "max_retries": 0,
-        },
-    )
-
-
 def _reset_local() -> None:
     connection = _local.connection
     _local.connection = None
@@ -97,7 +83,7 @@ def producer_for(app: Celery) -> Iterator[Producer]:
         _local.pid = os.getpid()
         _local.broker_url = app.conf.broker_url
     if _local.producer is None:
-        connection = _bounded_connection(app)
+        connection = bounded_broker_connection(app)
         _local.connection = connection
         _local.producer = app.amqp.Producer(connection, auto_declare=False)
     elif time.monotonic() - _local.last_used > SENTINEL_RECHECK_AFTER:

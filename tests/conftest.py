@@ -47,7 +47,7 @@ import os
 import socket
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from django.db import connection
@@ -171,33 +171,41 @@ def worker_env(django_db_setup: None) -> WorkerEnv:
     return make
 
 
-@pytest.fixture
-def _launch_celery(
-    request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path: Path
+@contextlib.contextmanager
+def _celery_launcher(
+    request: pytest.FixtureRequest, tmp_path: Path, make_env: Callable[..., dict[str, str]]
 ) -> Iterator[Callable[..., CeleryProcess]]:
-    """Return ``launch(kind, server, extra_args, env, **options)``; stop all at teardown."""
+    """Yield ``launch(kind, target, extra_args, env, **options)``; stop all it started on exit.
+
+    ``make_env(target, **env)`` gives the process its environment (a Redis server's, or a
+    Sentinel topology's).
+    """
     started = request.node.stash.setdefault(_STARTED, [])
 
     def launch(
         kind: Literal["worker", "beat"],
-        server: RedisServer,
+        target: Any,
         extra_args: Sequence[str],
         env: dict[str, str] | None,
         **options: int,
     ) -> CeleryProcess:
-        process = CeleryProcess(
-            kind,
-            worker_env(server, **(env or {})),
-            extra_args=extra_args,
-            log_dir=tmp_path / "celery",
-            **options,
-        )
+        process = CeleryProcess(kind, make_env(target, **(env or {})), extra_args=extra_args,
+                                log_dir=tmp_path / "celery", **options)
         started.append(process)
         return process.start()
 
     yield launch
     for process in reversed(started):
         process.stop()
+
+
+@pytest.fixture
+def _launch_celery(
+    request: pytest.FixtureRequest, worker_env: WorkerEnv, tmp_path: Path
+) -> Iterator[Callable[..., CeleryProcess]]:
+    """Return ``launch(kind, server, extra_args, env, **options)``; stop all at teardown."""
+    with _celery_launcher(request, tmp_path, worker_env) as launch:
+        yield launch
 
 
 @pytest.fixture
@@ -290,28 +298,8 @@ def _launch_sentinel_celery(
     tmp_path: Path,
 ) -> Iterator[Callable[..., CeleryProcess]]:
     """Return ``launch(kind, topology, extra_args, env, **options)``; stop all at teardown."""
-    started = request.node.stash.setdefault(_STARTED, [])
-
-    def launch(
-        kind: Literal["worker", "beat"],
-        topology: SentinelTopology,
-        extra_args: Sequence[str],
-        env: dict[str, str] | None,
-        **options: int,
-    ) -> CeleryProcess:
-        process = CeleryProcess(
-            kind,
-            sentinel_worker_env(topology, **(env or {})),
-            extra_args=extra_args,
-            log_dir=tmp_path / "celery",
-            **options,
-        )
-        started.append(process)
-        return process.start()
-
-    yield launch
-    for process in reversed(started):
-        process.stop()
+    with _celery_launcher(request, tmp_path, sentinel_worker_env) as launch:
+        yield launch
 
 
 @pytest.fixture
