@@ -129,7 +129,7 @@ class BackgroundPublisher(Generic[Item]):
                     batch = self._waiting[:self._max_batch]
                     del self._waiting[:self._max_batch]
                 return batch
-            connections.close_all()
+            _close_database_connections()
             with self._condition:
                 self._close_requested = False
                 self._condition.notify_all()
@@ -141,11 +141,20 @@ class BackgroundPublisher(Generic[Item]):
                 self._publish(batch)
             except Exception:  # noqa: BLE001 - the rows stay PENDING: the sweeper publishes them
                 logger.exception("background publishing of %d task(s) failed", len(batch))
-                connections.close_all()
+                _close_database_connections()
             finally:
                 with self._condition:
                     self._handled += len(batch)
                     self._condition.notify_all()
+
+
+def _close_database_connections() -> None:
+    """Close this thread's database connections; a failure to close is logged, never raised."""
+    try:
+        connections.close_all()
+    except Exception:  # noqa: BLE001 - the thread must outlive a broken connection
+        logger.warning("closing the publisher thread's database connections failed",
+                       exc_info=True)
 
 
 _instance: BackgroundPublisher[Any] | None = None
