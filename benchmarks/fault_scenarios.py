@@ -564,6 +564,15 @@ def ledger_finished() -> bool:
     return not TaskRecord.objects.exclude(state__in=list(FINISHED_STATES)).exists()
 
 
+def settled_check(prefix: str, accepted: Sequence[str], variant: Variant) -> Callable[[], bool]:
+    """A check: has every accepted token run, and, for reliable_tasks, every row finished?
+
+    A body that has run has not necessarily had its outcome written yet.
+    """
+    ran = all_ran(prefix, accepted)
+    return lambda: ran() and (variant != "reliable" or ledger_finished())
+
+
 def all_ran(prefix: str, accepted: Sequence[str]) -> Callable[[], bool]:
     """A check: has every accepted token run at least once?"""
     wanted = set(accepted)
@@ -608,7 +617,7 @@ def kill_master_during_dispatch(rig: Rig, topology: SentinelTopology, variant: V
             fault.finish()
             fault_over_at = fault.recovered_at or timezone.now()
             deadline = time.monotonic() + 60 + STALL_SECONDS * 2 + window
-            wait_until_settled(all_ran(prefix, log.accepted), prefix, deadline,
+            wait_until_settled(settled_check(prefix, log.accepted, variant), prefix, deadline,
                                quiet_seconds=STALL_SECONDS * 2.5)
         _fill(outcome, log, prefix, fault_over_at, supervisor, fault)
         if sweeper is not None:
@@ -691,7 +700,7 @@ def hang_master_during_dispatch(rig: Rig, topology: SentinelTopology, variant: V
             supervisor = Supervisor(rig, topology, workers, start_worker, prefix)
             with running(supervisor):
                 deadline = time.monotonic() + 60 + STALL_SECONDS * 2
-                wait_until_settled(all_ran(prefix, log.accepted), prefix, deadline,
+                wait_until_settled(settled_check(prefix, log.accepted, variant), prefix, deadline,
                                    quiet_seconds=STALL_SECONDS * 2.5)
         _fill(outcome, log, prefix, demoted_at, supervisor, fault)
         if sweeper is not None:
@@ -739,8 +748,8 @@ def redis_outage(rig: Rig, server: RedisServer, variant: Variant, scale: Scale) 
             dispatch_for(send, prefix, 3.0, scale.outage_rate, log)
             log.ended_at = timezone.now()
             supervisor_deadline = time.monotonic() + 60 + STALL_SECONDS
-            wait_until_settled(all_ran(prefix, log.accepted), prefix, supervisor_deadline,
-                               quiet_seconds=STALL_SECONDS * 2)
+            wait_until_settled(settled_check(prefix, log.accepted, variant), prefix,
+                               supervisor_deadline, quiet_seconds=STALL_SECONDS * 2)
         _fill(outcome, log, prefix, back_at, None, None)
         outcome.fault_seconds = scale.outage_seconds
     return outcome
@@ -788,15 +797,11 @@ def kill_worker_and_master(rig: Rig, topology: SentinelTopology, variant: Varian
                 return rig.worker(topology, env=worker_env(variant))
 
             supervisor = Supervisor(rig, topology, workers, start_worker, prefix)
-            ran = all_ran(prefix, log.accepted)
-
-            def settled() -> bool:
-                # A task killed mid-run may still be re-running once every body ran once.
-                return ran() and (variant != "reliable" or ledger_finished())
-
             with running(supervisor):
                 deadline = time.monotonic() + 90
-                wait_until_settled(settled, prefix, deadline, quiet_seconds=STALL_SECONDS * 2)
+                # A task killed mid-run may still be re-running once every body ran once.
+                wait_until_settled(settled_check(prefix, log.accepted, variant), prefix,
+                                   deadline, quiet_seconds=STALL_SECONDS * 2)
         _fill(outcome, log, prefix, recovered_at, supervisor, None)
         outcome.fault_seconds = failover_seconds
     return outcome
