@@ -930,8 +930,13 @@ class SentinelTopology(_StartedInWith):
         server.replica_of = None
         return server.restart()
 
-    def wait_replica(self, server: TopologyRedisServer, timeout: float = 30.0) -> None:
-        """Wait until ``server`` replicates the current master (its link is up)."""
+    def wait_replica(self, server: TopologyRedisServer, timeout: float = 60.0) -> None:
+        """Wait until ``server`` replicates the current master (its link is up).
+
+        A returning old master is demoted by the sentinels only after it has reported itself
+        a master for about 8 s, seen through INFO polls that run every 10 s outside a
+        failover: 20 s is normal, and a loaded machine needs more.
+        """
         deadline = time.monotonic() + timeout
         info: dict[str, Any] = {}
         while time.monotonic() < deadline:
