@@ -164,6 +164,8 @@ _instance_lock = threading.Lock()
 def shared_publisher(publish: Callable[[list[Item]], object]) -> BackgroundPublisher[Item]:
     """The process's publisher, created on first use with ``publish`` as its batch function."""
     global _instance
+    if _instance is not None:  # every commit asks: no lock once it exists
+        return _instance
     with _instance_lock:
         if _instance is None:
             _instance = BackgroundPublisher(publish)
