@@ -855,7 +855,7 @@ class SentinelTopology(_StartedInWith):
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Wait until every sentinel sees the master up, the replicas and the other sentinels,
-        and every replica is in sync with the master."""
+        and every other server is a replica linked to that master."""
         deadline = time.monotonic() + timeout
         state: dict[str, Any] = {}
         while True:
@@ -876,7 +876,8 @@ class SentinelTopology(_StartedInWith):
             if server.port == master_port:
                 continue
             info = server.replication()
-            if info.get("role") != "slave" or info.get("master_link_status") != "up":
+            if (info.get("role") != "slave" or info.get("master_link_status") != "up"
+                    or int(info.get("master_port", 0)) != master_port):
                 return False
         return True
 
