@@ -255,10 +255,25 @@ class _Child:
         self.popen.wait()
 
 
+class _RunsOneChild:
+    """The ``pid`` and ``is_running()`` of a class whose latest process is ``self._child``."""
+
+    _child: _Child | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the latest process started (None before the first ``start()``)."""
+        return self._child.pid if self._child is not None else None
+
+    def is_running(self) -> bool:
+        """Return whether the latest process started is alive."""
+        return self._child is not None and not self._child.exited()
+
+
 # --- Redis ----------------------------------------------------------------------------------------
 
 
-class RedisServer(_StartedInWith):
+class RedisServer(_RunsOneChild, _StartedInWith):
     """A throwaway ``redis-server`` on 127.0.0.1: no persistence, its own data directory.
 
     The port is chosen at the first ``start()`` and kept by ``restart()``, so clients configured
@@ -278,7 +293,7 @@ class RedisServer(_StartedInWith):
         self._given_dir = Path(data_dir) if data_dir is not None else None
         self._dir: Path | None = None
         self._port: int | None = None
-        self._child: _Child | None = None
+        self._child = None
         self._pauses: list[subprocess.Popen[bytes]] = []
 
     def __repr__(self) -> str:
@@ -297,20 +312,11 @@ class RedisServer(_StartedInWith):
         return f"redis://{LOOPBACK}:{self.port}/0"
 
     @property
-    def pid(self) -> int | None:
-        """PID of the latest ``redis-server`` process started (None before the first start)."""
-        return self._child.pid if self._child is not None else None
-
-    @property
     def data_dir(self) -> Path:
         """The directory holding the server's log (and nothing else: persistence is off)."""
         if self._dir is None:
             raise RuntimeError("the Redis server has not been started")
         return self._dir
-
-    def is_running(self) -> bool:
-        """Return whether the latest ``redis-server`` process is alive."""
-        return self._child is not None and not self._child.exited()
 
     def start(self) -> Self:
         """Start the server and wait until it answers; a taken port is retried on a new one."""
@@ -543,7 +549,7 @@ class TopologyRedisServer(RedisServer):
             return client.info("replication")
 
 
-class SentinelServer:
+class SentinelServer(_RunsOneChild):
     """One ``redis-server --sentinel`` on 127.0.0.1 monitoring ``master_name``.
 
     Its configuration file lives in ``data_dir`` (a sentinel rewrites it as it learns the
@@ -576,7 +582,7 @@ class SentinelServer:
         self.data_dir = Path(data_dir)
         self.startup_timeout = startup_timeout
         self._port: int | None = None
-        self._child: _Child | None = None
+        self._child = None
 
     def __repr__(self) -> str:
         return f"<SentinelServer port={self._port} pid={self.pid}>"
@@ -587,15 +593,6 @@ class SentinelServer:
         if self._port is None:
             raise RuntimeError("the sentinel has not been started")
         return self._port
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the sentinel process (None before ``start()``)."""
-        return self._child.pid if self._child is not None else None
-
-    def is_running(self) -> bool:
-        """Return whether the sentinel process is alive."""
-        return self._child is not None and not self._child.exited()
 
     def _config(self, port: int) -> str:
         name = self.master_name
@@ -999,7 +996,7 @@ def celery_app_using(app: Any, conf: Mapping[str, Any]) -> Iterator[None]:
 # --- generic and Celery processes -----------------------------------------------------------------
 
 
-class ManagedProcess(_StartedInWith):
+class ManagedProcess(_RunsOneChild, _StartedInWith):
     """A long-running command in its own session, its output logged to ``log_path``.
 
     ``start()`` can wait until a line of the log matches ``ready_pattern``. ``stop()`` sends
@@ -1029,15 +1026,10 @@ class ManagedProcess(_StartedInWith):
         self.cwd = Path(cwd)
         self._given_dir = Path(log_dir) if log_dir is not None else None
         self._dir: Path | None = None
-        self._child: _Child | None = None
+        self._child = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} pid={self.pid}>"
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the process (None before ``start()``)."""
-        return self._child.pid if self._child is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -1045,10 +1037,6 @@ class ManagedProcess(_StartedInWith):
         if self._dir is None:
             raise RuntimeError(f"{self!r} has not been started")
         return self._dir / f"{self.name}.log"
-
-    def is_running(self) -> bool:
-        """Return whether the process is alive."""
-        return self._child is not None and not self._child.exited()
 
     def log_text(self) -> str:
         """Return everything the process has logged so far."""
