@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import warnings
 import pytest
 from django.db import connection, transaction
 
+from example_project.demo.models import Execution
 from example_project.demo.tasks import add
 from reliable_tasks import background, dispatch, dispatch_many
 from reliable_tasks.background import BackgroundPublisher
@@ -113,6 +115,45 @@ def test_a_process_exiting_right_after_dispatching_publishes_everything(
     rows = TaskRecord.objects.filter(task_name="demo.add")
     assert rows.count() == 50
     assert set(rows.values_list("state", flat=True)) == {TaskState.QUEUED}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_killed_with_publishes_queued_loses_nothing_and_runs_nothing_twice(
+        redis_server, worker_env, celery_worker, settings):
+    """SIGKILL right after the last commit: what the thread had not published (or published but
+    not marked) is published by the sweeper, and every body runs exactly once."""
+    settings.RELIABLE_TASKS_PUBLISH_GRACE = 0
+    tasks = 300
+    script = (
+        "import os, signal, django; django.setup()\n"
+        "from reliable_tasks import dispatch\n"
+        f"for i in range({tasks}):\n"
+        "    dispatch('demo.record', ('killed-publisher',))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, **worker_env(redis_server), "RELIABLE_TASKS_PUBLISH_IN_BACKGROUND": "true"}
+
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    rows = TaskRecord.objects.filter(task_name="demo.record")
+    assert rows.count() == tasks, "every committed dispatch has its row"
+    left_pending = rows.filter(state=TaskState.PENDING).count()
+    assert rows.filter(state=TaskState.QUEUED).count() + left_pending == tasks
+
+    celery_worker(redis_server)
+    deadline = time.monotonic() + 90
+    while rows.exclude(state=TaskState.SUCCESS).exists():
+        assert time.monotonic() < deadline, (
+            f"{left_pending} left PENDING by the kill; not finished: "
+            f"{list(rows.exclude(state=TaskState.SUCCESS).values_list('state', flat=True))}")
+        sweep()
+        time.sleep(0.5)
+
+    executions = Execution.objects.filter(token="killed-publisher")
+    assert executions.count() == tasks, f"{left_pending} were left PENDING by the kill"
+    assert executions.values("task_id").distinct().count() == tasks
 
 
 # --- the queue itself -----------------------------------------------------------------------------
