@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db import models, transaction
-from django.db.models import F
+from django.db.models import BooleanField, Case, F, Value, When
 
 from reliable_tasks.states import FINISHED_STATES, TaskState
 
@@ -41,8 +41,23 @@ class TaskRecordQuerySet(models.QuerySet):
         """Compare-and-set: apply ``changes`` to the rows still in ``from_states``.
 
         Returns the number of rows changed; a row that moved on meanwhile is left alone.
+        Callers pick the rows by id; the state is checked on each of those rows, never looked
+        up through an index (see ``state_still_in``).
         """
-        return self.filter(state__in=list(from_states)).update(**changes)
+        return self.filter(state_still_in(from_states)).update(**changes)
+
+
+def state_still_in(states: Iterable[str]) -> Case:
+    """``state IN (states)``, written so that no database answers it from an index on ``state``.
+
+    For compare-and-set updates of rows chosen by id. Statistics gathered before a backlog
+    formed tell PostgreSQL that hardly any row is PENDING (or QUEUED); it then reads every row
+    in those states through the ``(state, ...)`` indexes and filters by id, for every batch:
+    10,000 rows scanned per 500 marked during a 10,000-row backlog. As a ``CASE`` the state is
+    only compared on the rows the primary key finds.
+    """
+    return Case(When(state__in=list(states), then=Value(True)), default=Value(False),
+                output_field=BooleanField())
 
 
 #: Schedule fields that record the push to RedBeat rather than describe the schedule.
