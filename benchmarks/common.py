@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import signal
 import statistics
 import sys
 import time
@@ -128,6 +129,21 @@ def _check_migrations_complete() -> None:
 
 
 @contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises ``SystemExit`` here, so that a benchmark stopped with ``kill`` unwinds and
+    stops the Redis server and workers it started (the default SIGTERM skips that)."""
+
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def bench_environment() -> Iterator[BenchEnvironment]:
     """Start Redis, set Django up on the benchmark database, migrate; stop Redis at the end."""
     from django.conf import settings
@@ -136,7 +152,7 @@ def bench_environment() -> Iterator[BenchEnvironment]:
         raise RuntimeError("Django settings were loaded before the benchmark environment")
     database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     ensure_postgres_database(database_url)
-    with RedisServer() as server:
+    with _sigterm_as_exit(), RedisServer() as server:
         os.environ["REDIS_URL"] = server.url
         os.environ["DATABASE_URL"] = database_url
         os.environ["DJANGO_SETTINGS_MODULE"] = SETTINGS_MODULE
