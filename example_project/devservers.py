@@ -258,7 +258,7 @@ class _Child:
 class _RunsOneChild:
     """The ``pid`` and ``is_running()`` of a class whose latest process is ``self._child``."""
 
-    _child: _Child | None = None
+    _child: _Child | None
 
     @property
     def pid(self) -> int | None:
@@ -872,9 +872,7 @@ class SentinelTopology(_StartedInWith):
         for server in self.servers:
             if server.port == master_port:
                 continue
-            info = server.replication()
-            if (info.get("role") != "slave" or info.get("master_link_status") != "up"
-                    or int(info.get("master_port", 0)) != master_port):
+            if not _replicates(server.replication(), master_port):
                 return False
         return True
 
@@ -940,11 +938,16 @@ class SentinelTopology(_StartedInWith):
         while time.monotonic() < deadline:
             with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, RuntimeError):
                 info = server.replication()
-                if (info.get("role") == "slave" and info.get("master_link_status") == "up"
-                        and int(info.get("master_port", 0)) == self.master_address()[1]):
+                if _replicates(info, self.master_address()[1]):
                     return
             time.sleep(0.1)
         raise RuntimeError(f"{server!r} is not a replica within {timeout:g} s: {info}")
+
+
+def _replicates(replication: Mapping[str, Any], master_port: int) -> bool:
+    """Whether ``INFO replication`` shows a replica linked to the master on ``master_port``."""
+    return (replication.get("role") == "slave" and replication.get("master_link_status") == "up"
+            and int(replication.get("master_port", 0)) == master_port)
 
 
 def drop_celery_connections(app: Any) -> None:

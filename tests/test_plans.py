@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from reliable_tasks import statements
 from reliable_tasks.models import TaskRecord
+from reliable_tasks.outbox import new_record
 from reliable_tasks.querysets import state_still_in
 from reliable_tasks.states import TaskState
 
@@ -32,15 +33,13 @@ def backlog_after_analyze() -> Iterator[list[str]]:
     """Ids of a PENDING backlog that the table's statistics have not seen."""
     if connection.vendor != "postgresql":
         pytest.skip("the plans of PostgreSQL")
+    now = timezone.now()
+    statements.insert_records([
+        new_record({"task_name": "demo.add", "state": TaskState.SUCCESS, "attempts": 1,
+                    "created_at": now, "finished_at": now})
+        for _ in range(FINISHED)])
     table = TaskRecord._meta.db_table
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"INSERT INTO {table} (id, task_name, args, kwargs, options, queue, state, adopted, "
-            "attempts, publish_attempts, publish_error, publish_claim, duplicate_deliveries, "
-            "worker, created_at, finished_at, error_type, error_message, traceback, history) "
-            "SELECT gen_random_uuid(), 'demo.add', '[]', '{}', '{}', '', 'SUCCESS', false, 1, 1, "
-            "'', '', 0, '', now(), now(), '', '', '', '[]' FROM generate_series(1, %s)",
-            [FINISHED])
         cursor.execute(f"ANALYZE {table}")
         cursor.execute(f"UPDATE {table} SET state = 'PENDING', finished_at = NULL WHERE id IN "
                        f"(SELECT id FROM {table} LIMIT %s) RETURNING id", [BACKLOG])
