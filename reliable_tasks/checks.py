@@ -9,7 +9,8 @@ Ids are stable and never reused (the README's table lists them all):
   ``redbeat_redis_url``, a beat scheduler that is not ours, ``retry_on_lost`` tasks without
   ``acks_late``, a Redis ``visibility_timeout`` shorter than the longest delay left in Redis);
 - deploy only (``check --deploy``), over the network with short timeouts: ``W005`` the broker's
-  Redis could not be checked, ``E004`` its ``maxmemory-policy`` is not ``noeviction``.
+  Redis could not be checked, ``E004`` its ``maxmemory-policy`` is not ``noeviction``, ``W007``
+  its sentinels fail a silent master over sooner than a publish gives up on it.
 
 The Celery app is resolved inside each check (never at import time), and the non-deploy checks
 do no I/O: reading the app's configuration and importing its task modules is all they do.
@@ -28,6 +29,8 @@ from django.core import checks
 from django.utils.module_loading import autodiscover_modules
 
 from reliable_tasks.conf import PREFIX, SPECS, app_settings
+from reliable_tasks.publisher import SENTINEL_RECHECK_AFTER
+from reliable_tasks.sentinel import down_after_seconds
 
 #: The beat scheduler that records periodic runs in the ledger before they advance.
 OUR_SCHEDULER = "reliable_tasks.beat:ReliableRedBeatScheduler"
@@ -224,7 +227,8 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
 
 
 def check_broker(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """W005: the broker's Redis could not be checked. E004: it may evict keys (deploy only).
+    """W005: the broker's Redis could not be checked. E004: it may evict keys. W007: its
+    sentinels fail over too soon for ``RELIABLE_TASKS_PUBLISH_TIMEOUT`` (deploy only).
 
     One connection bounded by ``RELIABLE_TASKS_PUBLISH_TIMEOUT``; ``INFO memory`` rather than
     ``CONFIG GET`` so that managed Redis services, which often disable ``CONFIG``, answer too.
@@ -240,20 +244,39 @@ def check_broker(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
     try:
         with broker_redis(app) as client:
             policy = str(client.info("memory").get("maxmemory_policy", ""))
+            down_after = down_after_seconds(client.connection_pool)
     except Exception as exc:  # noqa: BLE001 - any failure means "could not check"
         return [checks.Warning(
             f"The broker's Redis could not be checked: {type(exc).__name__}: {exc}.",
             hint="Run the deploy checks where the broker is reachable, with the production "
                  "settings; the app needs its maxmemory-policy to be noeviction.",
             id="reliable_tasks.W005")]
+    messages: list[checks.CheckMessage] = []
     if policy != SAFE_EVICTION_POLICY:
-        return [checks.Error(
+        messages.append(checks.Error(
             f"The broker's Redis has maxmemory-policy {policy!r}: when it fills up it deletes "
             f"queued messages and nothing notices (the ledger keeps them QUEUED).",
             hint="Set `maxmemory-policy noeviction` in redis.conf (or your provider's parameter "
                  "group): a full Redis then refuses writes, which the outbox survives.",
-            id="reliable_tasks.E004")]
-    return []
+            id="reliable_tasks.E004"))
+    messages.extend(_failover_timing_messages(down_after))
+    return messages
+
+
+def _failover_timing_messages(down_after: float | None) -> Iterator[checks.CheckMessage]:
+    """W007: a master that hangs can be replaced while a publish still waits on it."""
+    shortest = app_settings.PUBLISH_TIMEOUT + SENTINEL_RECHECK_AFTER
+    if down_after is None or down_after > shortest:
+        return
+    yield checks.Warning(
+        f"The broker's sentinels fail a silent master over after {down_after:g} s "
+        f"(down-after-milliseconds), not more than RELIABLE_TASKS_PUBLISH_TIMEOUT "
+        f"({app_settings.PUBLISH_TIMEOUT:g} s) + {SENTINEL_RECHECK_AFTER:g} s: a publish that "
+        f"waits on a master that hangs that long can still succeed on it after it was "
+        f"replaced, and the replaced master then drops the message while its row says QUEUED.",
+        hint=f"Raise Sentinel's down-after-milliseconds above {shortest * 1000:g}, or lower "
+             f"RELIABLE_TASKS_PUBLISH_TIMEOUT below {down_after - SENTINEL_RECHECK_AFTER:g} s.",
+        id="reliable_tasks.W007")
 
 
 def register() -> None:

@@ -280,3 +280,23 @@ def _masked(key: str, value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return sanitize_url(value)
     return value
+
+
+def down_after_seconds(pool: Any) -> float | None:
+    """Seconds the sentinels let the master behind ``pool`` be silent before failing it over.
+
+    ``pool`` is a connection pool of redis-py; ``None`` unless it is a ``SentinelConnectionPool``
+    (kombu's ``sentinel://`` transport) and one of its sentinels answers ``SENTINEL MASTER``.
+    """
+    from redis.exceptions import RedisError
+    from redis.sentinel import SentinelConnectionPool
+
+    if not isinstance(pool, SentinelConnectionPool):
+        return None
+    for sentinel in pool.sentinel_manager.sentinels:
+        try:
+            state = sentinel.sentinel_master(pool.service_name)
+        except RedisError:
+            continue  # a sentinel that is down or does not know the master: ask the next
+        return int(state["down-after-milliseconds"]) / 1000
+    return None

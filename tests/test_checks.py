@@ -15,6 +15,8 @@ from reliable_tasks import ReliableTask
 from reliable_tasks.beat import ReliableRedBeatScheduler
 from reliable_tasks.checks import check_broker, check_celery, check_settings
 from reliable_tasks.conf import SPECS, app_settings
+from reliable_tasks.metrics import broker_redis
+from reliable_tasks.sentinel import down_after_seconds
 
 
 def ids(messages) -> list[str]:
@@ -250,3 +252,50 @@ def test_the_deploy_check_runs_with_check_deploy(redis_server):
     messages = run_checks(include_deployment_checks=True, tags=["reliable_tasks"])
 
     assert "reliable_tasks.E004" in ids(messages)
+
+
+# --- deploy checks: the broker's sentinels ----------------------------------------------------
+
+
+def _set_down_after(topology, milliseconds: int) -> None:
+    for sentinel in topology.sentinels:
+        with sentinel.client() as client:
+            client.execute_command("SENTINEL", "SET", topology.master_name,
+                                   "down-after-milliseconds", str(milliseconds))
+
+
+def test_sentinels_that_fail_over_before_a_publish_gives_up_are_a_warning(sentinel_topology):
+    # The fixture's sentinels fail over after 1 s; a publish waits up to PUBLISH_TIMEOUT (2 s).
+    messages = check_broker()
+
+    assert ids(messages) == ["reliable_tasks.W007"]
+    assert "after 1 s" in messages[0].msg and "(2 s) + 1 s" in messages[0].msg
+    assert "above 3000" in messages[0].hint
+    assert sentinel_topology.password not in messages[0].msg + messages[0].hint
+
+
+def test_sentinels_slower_than_a_publish_pass(sentinel_topology, settings):
+    _set_down_after(sentinel_topology, 5000)
+    assert check_broker() == []
+
+    settings.RELIABLE_TASKS_PUBLISH_TIMEOUT = 4.5  # 4.5 s + 1 s is not below 5 s any more
+    assert ids(check_broker()) == ["reliable_tasks.W007"]
+
+
+def test_a_dead_sentinel_is_skipped_when_reading_the_failover_delay(sentinel_topology):
+    _set_down_after(sentinel_topology, 5000)
+
+    with broker_redis() as client:
+        pool = client.connection_pool
+        asked_first = pool.sentinel_manager.sentinels[0].connection_pool.connection_kwargs
+        first = next(sentinel for sentinel in sentinel_topology.sentinels
+                     if sentinel.port == asked_first["port"])
+        first.kill()
+
+        assert down_after_seconds(pool) == 5.0
+    assert check_broker() == []
+
+
+def test_a_broker_without_sentinels_has_no_failover_delay(redis_server):
+    with redis_server.client() as client:
+        assert down_after_seconds(client.connection_pool) is None
