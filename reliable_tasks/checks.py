@@ -268,15 +268,17 @@ def _failover_timing_messages(down_after: float | None) -> Iterator[checks.Check
     shortest = app_settings.PUBLISH_TIMEOUT + SENTINEL_RECHECK_AFTER
     if down_after is None or down_after > shortest:
         return
+    hint = f"Raise Sentinel's down-after-milliseconds above {shortest * 1000:g}"
+    longest_timeout = down_after - SENTINEL_RECHECK_AFTER
+    if longest_timeout > 0:
+        hint += f", or lower RELIABLE_TASKS_PUBLISH_TIMEOUT below {longest_timeout:g} s"
     yield checks.Warning(
         f"The broker's sentinels fail a silent master over after {down_after:g} s "
         f"(down-after-milliseconds), not more than RELIABLE_TASKS_PUBLISH_TIMEOUT "
         f"({app_settings.PUBLISH_TIMEOUT:g} s) + {SENTINEL_RECHECK_AFTER:g} s: a publish that "
         f"waits on a master that hangs that long can still succeed on it after it was "
         f"replaced, and the replaced master then drops the message while its row says QUEUED.",
-        hint=f"Raise Sentinel's down-after-milliseconds above {shortest * 1000:g}, or lower "
-             f"RELIABLE_TASKS_PUBLISH_TIMEOUT below {down_after - SENTINEL_RECHECK_AFTER:g} s.",
-        id="reliable_tasks.W007")
+        hint=f"{hint}.", id="reliable_tasks.W007")
 
 
 def register() -> None:
