@@ -29,7 +29,7 @@ from django.core import checks
 from django.utils.module_loading import autodiscover_modules
 
 from reliable_tasks.conf import PREFIX, SPECS, app_settings
-from reliable_tasks.publisher import SENTINEL_RECHECK_AFTER
+from reliable_tasks.publisher import SENTINEL_RECHECK_AFTER, shortest_safe_down_after
 from reliable_tasks.sentinel import down_after_seconds
 
 #: The beat scheduler that records periodic runs in the ledger before they advance.
@@ -265,7 +265,7 @@ def check_broker(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
 
 def _failover_timing_messages(down_after: float | None) -> Iterator[checks.CheckMessage]:
     """W007: a master that hangs can be replaced while a publish still waits on it."""
-    shortest = app_settings.PUBLISH_TIMEOUT + SENTINEL_RECHECK_AFTER
+    shortest = shortest_safe_down_after()
     if down_after is None or down_after > shortest:
         return
     hint = f"Raise Sentinel's down-after-milliseconds above {shortest * 1000:g}"

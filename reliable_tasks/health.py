@@ -1,5 +1,5 @@
 """What an operator needs first: is beat running, is RedBeat in line with the database, can Redis
-drop keys, are workers alive, is anything stuck.
+drop keys (or, behind Sentinel, published tasks), are workers alive, is anything stuck.
 
 ``report()`` gathers it into a ``HealthReport``. Each probe that fails (Redis down, a database
 error) becomes a ``Problem`` of the report, never an exception, so the admin page renders when
@@ -23,14 +23,14 @@ from urllib.parse import urlsplit
 from django.db.models import Count, Q
 from django.db.models.functions import TruncHour
 from django.utils import timezone
-from kombu.utils.url import maybe_sanitize_url
 
 from reliable_tasks import redbeat_store
 from reliable_tasks.celery_app import get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.models import PeriodicSchedule, TaskRecord, WorkerHeartbeat
-from reliable_tasks.publisher import producer_for
+from reliable_tasks.publisher import producer_for, shortest_safe_down_after
 from reliable_tasks.reconcile import reconcile_schedules
+from reliable_tasks.sentinel import down_after_seconds, sanitize_url
 from reliable_tasks.states import FINISHED_STATES, TaskState
 
 ERROR = "error"
@@ -180,8 +180,8 @@ def _plain(value: Any) -> Any:
 
 
 def sanitize(text: str) -> str:
-    """``text`` with the password of every URL in it masked (``maybe_sanitize_url``)."""
-    return _URL_IN_TEXT.sub(lambda match: maybe_sanitize_url(match.group(0)), text)
+    """``text`` with the password of every URL in it masked, in ``;``-separated lists too."""
+    return _URL_IN_TEXT.sub(lambda match: sanitize_url(match.group(0)), text)
 
 
 def _describe(exc: BaseException) -> str:
@@ -214,6 +214,9 @@ def report(now: datetime | None = None) -> HealthReport:
                lambda: _check_drift(result))
     _probe(result, "schedules", "Counting unsynced schedules", lambda: _check_unsynced(result))
     _check_memory_policies(result, app, redbeat_up)
+    if _broker_scheme(app) == "sentinel":
+        _probe(result, "redis", "Asking the broker's sentinels for their failover delay",
+               lambda: _check_failover_delay(result, app))
     _probe(result, "workers", "Reading the worker heartbeats", lambda: _check_workers(result))
     _probe(result, "tasks", "Finding the oldest pending task", lambda: _check_pending(result))
     _probe(result, "tasks", "Counting tasks per state", lambda: _count_states(result))
@@ -226,7 +229,7 @@ def _url(value: Any) -> str:
     """A broker or Redis URL for display, without its password."""
     if isinstance(value, list | tuple):
         value = ";".join(str(item) for item in value)
-    return maybe_sanitize_url(str(value or ""))
+    return sanitize_url(str(value or ""))
 
 
 def _check_beat(health: HealthReport, app: Any) -> None:
@@ -291,7 +294,7 @@ def _check_memory_policies(health: HealthReport, app: Any, redbeat_up: bool) -> 
     """``maxmemory-policy`` of the broker's Redis and of RedBeat's (once if they are one)."""
     broker_url = _url(app.conf.broker_url)
     redbeat_url = _url(app.conf.get("redbeat_redis_url") or app.conf.broker_url)
-    if broker_url != redbeat_url and urlsplit(broker_url.split(";")[0]).scheme in _REDIS_SCHEMES:
+    if broker_url != redbeat_url and _broker_scheme(app) in _REDIS_SCHEMES:
         health.redis.append(_memory_policy(health, "broker", broker_url,
                                            lambda: _broker_policy(app)))
     role = "broker and RedBeat" if broker_url == redbeat_url else "RedBeat"
@@ -300,6 +303,23 @@ def _check_memory_policies(health: HealthReport, app: Any, redbeat_up: bool) -> 
             health, role, redbeat_url, lambda: read_memory_policy(redbeat_store.client(app))))
     else:  # its failure is reported already
         health.redis.append(RedisMemory(role=role, url=redbeat_url, error="unreachable"))
+
+
+def _broker_scheme(app: Any) -> str:
+    return urlsplit(_url(app.conf.broker_url).split(";")[0]).scheme
+
+
+def _check_failover_delay(health: HealthReport, app: Any) -> None:
+    """Behind Sentinel: a failover sooner than a publish gives up can lose published tasks."""
+    with producer_for(app) as producer:
+        down_after = down_after_seconds(getattr(producer.channel, "pool", None))
+    shortest = shortest_safe_down_after()
+    if down_after is not None and down_after <= shortest:
+        health.add(WARNING, "redis", (
+            f"The broker's sentinels fail a silent master over after {down_after:g} s: a "
+            f"publish that waits on a hung master (up to RELIABLE_TASKS_PUBLISH_TIMEOUT) can "
+            f"succeed on it after it was replaced, and the demoted master loses the task. Raise "
+            f"down-after-milliseconds above {shortest * 1000:g} (check reliable_tasks.W007)."))
 
 
 def _broker_policy(app: Any) -> tuple[str | None, str]:

@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.sentinel import SentinelConnectionPool
 
 from reliable_tasks.celery_app import bounded_broker_connection, find_task
+from reliable_tasks.conf import app_settings
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored
 
@@ -49,6 +50,16 @@ _MESSAGE_ARGUMENTS = (
 #: is checked again with the sentinels: a master that hung meanwhile and was replaced by a
 #: failover still accepts writes until the sentinels demote it, and loses them then.
 SENTINEL_RECHECK_AFTER = 1.0
+
+
+def shortest_safe_down_after() -> float:
+    """Seconds above which Sentinel's ``down-after-milliseconds`` must lie for publishing.
+
+    A publish gives up on a hung master after ``PUBLISH_TIMEOUT``, and an idle publisher asks
+    the sentinels for the master again after ``SENTINEL_RECHECK_AFTER``; a master failed over
+    sooner can take a publish after it was replaced, and lose it when it is demoted.
+    """
+    return app_settings.PUBLISH_TIMEOUT + SENTINEL_RECHECK_AFTER
 
 
 class _ThreadPublisher(threading.local):

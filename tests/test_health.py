@@ -257,6 +257,42 @@ def test_broker_and_redbeat_on_two_servers_are_checked_each(redis_server, shared
     assert len(problems(report, "redis", health.WARNING)) == 1
 
 
+def _failover_delay_warnings(report: health.HealthReport) -> list[str]:
+    return [message for message in problems(report, "redis", health.WARNING)
+            if "fail a silent master over" in message]
+
+
+@pytest.mark.django_db
+def test_sentinels_that_fail_over_before_a_publish_gives_up_are_a_warning(sentinel_topology):
+    report = health.report()  # the fixture's sentinels: 1 s; PUBLISH_TIMEOUT: 2 s
+
+    [warning] = _failover_delay_warnings(report)
+    assert "after 1 s" in warning and "above 3000" in warning and "W007" in warning
+    assert not problems(report, "redis", health.ERROR)
+    assert sentinel_topology.password not in json.dumps(report.as_dict())
+
+
+@pytest.mark.django_db
+def test_sentinels_slower_than_a_publish_give_no_warning(sentinel_topology):
+    for sentinel in sentinel_topology.sentinels:
+        with sentinel.client() as client:
+            client.execute_command("SENTINEL", "SET", sentinel_topology.master_name,
+                                   "down-after-milliseconds", "5000")
+
+    report = health.report()
+
+    assert _failover_delay_warnings(report) == []
+    assert not problems(report, "redis", health.ERROR)
+
+
+@pytest.mark.django_db
+def test_a_broker_without_sentinels_is_not_asked_for_a_failover_delay(redis_server):
+    report = health.report()
+
+    assert _failover_delay_warnings(report) == []
+    assert not any("sentinels" in message for message in problems(report, "redis"))
+
+
 class _NoConfigClient:
     """A Redis client of a managed service that disabled CONFIG."""
 
@@ -301,6 +337,16 @@ def test_sanitize_masks_passwords_of_urls_inside_messages():
 
     assert health.sanitize(text) == (
         "could not reach redis://user:**@host:6379/0 or sentinel://:**@h:26379/")
+
+
+def test_sanitize_masks_every_password_of_a_list_of_sentinel_urls():
+    # Kombu's maybe_sanitize_url took such a list for one URL and masked only the first part.
+    urls = "sentinel://:p%3B1@h1:26379/0;sentinel://:p%3B1@h2:26379/0;sentinel://:p%3B1@h3:26379/0"
+
+    masked = health.sanitize(f"broker {urls} failed")
+
+    assert "p%3B1" not in masked and "p;1" not in masked
+    assert masked.count(":**@") == 3 and "h3:26379" in masked
 
 
 @pytest.mark.django_db
