@@ -817,6 +817,15 @@ class SentinelTopology(_StartedInWith):
                                password=self.password,
                                sentinel_password=self.sentinel_password, **options)
 
+    def set_down_after(self, milliseconds: int) -> None:
+        """``SENTINEL SET <master> down-after-milliseconds``, on every sentinel that runs."""
+        self.down_after_ms = milliseconds
+        for sentinel in self.sentinels:
+            if sentinel.is_running():
+                with sentinel.client() as client:
+                    client.execute_command("SENTINEL", "SET", self.master_name,
+                                           "down-after-milliseconds", str(milliseconds))
+
     # -- who is the master ---------------------------------------------------------------------
 
     def master_address(self) -> tuple[str, int]:

@@ -52,7 +52,9 @@ from urllib.parse import quote
 
 from kombu.utils.url import maybe_sanitize_url
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from redis.retry import Retry
+from redis.sentinel import SentinelConnectionPool
 
 #: Seconds a sentinel may take to answer before the next one is asked (at most).
 DEFAULT_SENTINEL_SOCKET_TIMEOUT = 1.0
@@ -288,9 +290,6 @@ def down_after_seconds(pool: Any) -> float | None:
     ``pool`` is a connection pool of redis-py; ``None`` unless it is a ``SentinelConnectionPool``
     (kombu's ``sentinel://`` transport) and one of its sentinels answers ``SENTINEL MASTER``.
     """
-    from redis.exceptions import RedisError
-    from redis.sentinel import SentinelConnectionPool
-
     if not isinstance(pool, SentinelConnectionPool):
         return None
     for sentinel in pool.sentinel_manager.sentinels:

@@ -257,13 +257,6 @@ def test_the_deploy_check_runs_with_check_deploy(redis_server):
 # --- deploy checks: the broker's sentinels ----------------------------------------------------
 
 
-def _set_down_after(topology, milliseconds: int) -> None:
-    for sentinel in topology.sentinels:
-        with sentinel.client() as client:
-            client.execute_command("SENTINEL", "SET", topology.master_name,
-                                   "down-after-milliseconds", str(milliseconds))
-
-
 def test_sentinels_that_fail_over_before_a_publish_gives_up_are_a_warning(sentinel_topology):
     # The fixture's sentinels fail over after 1 s; a publish waits up to PUBLISH_TIMEOUT (2 s).
     messages = check_broker()
@@ -276,7 +269,7 @@ def test_sentinels_that_fail_over_before_a_publish_gives_up_are_a_warning(sentin
 
 
 def test_sentinels_slower_than_a_publish_pass(sentinel_topology, settings):
-    _set_down_after(sentinel_topology, 5000)
+    sentinel_topology.set_down_after(5000)
     assert check_broker() == []
 
     settings.RELIABLE_TASKS_PUBLISH_TIMEOUT = 4.5  # 4.5 s + 1 s is not below 5 s any more
@@ -287,7 +280,7 @@ def test_sentinels_slower_than_a_publish_pass(sentinel_topology, settings):
 
 
 def test_a_dead_sentinel_is_skipped_when_reading_the_failover_delay(sentinel_topology):
-    _set_down_after(sentinel_topology, 5000)
+    sentinel_topology.set_down_after(5000)
 
     with broker_redis() as client:
         pool = client.connection_pool

@@ -274,10 +274,7 @@ def test_sentinels_that_fail_over_before_a_publish_gives_up_are_a_warning(sentin
 
 @pytest.mark.django_db
 def test_sentinels_slower_than_a_publish_give_no_warning(sentinel_topology):
-    for sentinel in sentinel_topology.sentinels:
-        with sentinel.client() as client:
-            client.execute_command("SENTINEL", "SET", sentinel_topology.master_name,
-                                   "down-after-milliseconds", "5000")
+    sentinel_topology.set_down_after(5000)
 
     report = health.report()
 
