@@ -5,6 +5,7 @@ Ids are stable and never reused (the README's table lists them all):
 - ``E001``/``E002``: a ``RELIABLE_TASKS_*`` setting of the wrong type, or below its minimum;
 - ``E005``: ``RELIABLE_TASKS_CELERY_APP`` cannot be imported;
 - ``W006``: ``RELIABLE_TASKS_METRICS_TOKEN`` is too short to be a secret;
+- ``W008``: ``RELIABLE_TASKS_LEASE_TIMEOUT`` too short for the heartbeat and sweep intervals;
 - ``W001``-``W004``, ``E003``: unsafe Celery configuration of the project's app (pickle, no
   ``redbeat_redis_url``, a beat scheduler that is not ours, ``retry_on_lost`` tasks without
   ``acks_late``, a Redis ``visibility_timeout`` shorter than the longest delay left in Redis);
@@ -30,6 +31,7 @@ from django.utils.module_loading import autodiscover_modules
 
 from reliable_tasks.conf import PREFIX, SPECS, app_settings
 from reliable_tasks.publisher import SENTINEL_RECHECK_AFTER, shortest_safe_down_after
+from reliable_tasks.pulse import outages_are_seen
 from reliable_tasks.sentinel import down_after_seconds
 
 #: The beat scheduler that records periodic runs in the ledger before they advance.
@@ -47,7 +49,8 @@ TAG = "reliable_tasks"
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """E001: a setting has the wrong type. E002: below its minimum. W006: short metrics token."""
+    """E001: a setting has the wrong type. E002: below its minimum. W006: short metrics token.
+    W008: a lease too short for the heartbeat and sweep intervals (``reliable_tasks.pulse``)."""
     messages: list[checks.CheckMessage] = []
     for name, spec in SPECS.items():
         full_name = PREFIX + name
@@ -72,6 +75,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckM
             hint="Generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'` "
                  "and keep it out of the code (read it from the environment).",
             id="reliable_tasks.W006"))
+    if not messages and not outages_are_seen():
+        messages.append(checks.Warning(
+            f"{PREFIX}LEASE_TIMEOUT ({app_settings.LEASE_TIMEOUT:g} s) is too short for "
+            f"HEARTBEAT_INTERVAL ({app_settings.HEARTBEAT_INTERVAL:g} s) and SWEEP_INTERVAL "
+            f"({app_settings.SWEEP_INTERVAL:g} s): a database outage could let live workers' "
+            f"leases run out without the sweeper noticing the outage.",
+            hint="Keep LEASE_TIMEOUT above two heartbeats plus the larger of a third of "
+                 "itself and one and a half sweep intervals (defaults: 30 s, 5 s, 10 s).",
+            id="reliable_tasks.W008"))
     return messages
 
 

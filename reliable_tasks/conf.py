@@ -45,6 +45,10 @@ SPECS: dict[str, SettingSpec] = {
         5, (int, float), "Seconds between worker heartbeats and lease extensions.", minimum=0.1),
     "LEASE_TIMEOUT": SettingSpec(
         30, (int, float), "Seconds a started task's lease lasts without a heartbeat.", minimum=1),
+    "CLAIM_RETRY_TIMEOUT": SettingSpec(
+        5, (int, float), "Seconds a worker retries a claim that the database refused (on a "
+        "fresh connection each time) before it sends the delivery back to the broker, to run "
+        "this many seconds later; the body never runs without its claim.", minimum=0),
     "MAX_ATTEMPTS": SettingSpec(
         3, (int,), "Attempts of a task (first run included) before it is FAILURE.", minimum=1),
     "RETRY_BACKOFF": SettingSpec(
@@ -124,6 +128,10 @@ class ReliableTasksSettings:
     @property
     def LEASE_TIMEOUT(self) -> float:
         return float(self._get("LEASE_TIMEOUT"))
+
+    @property
+    def CLAIM_RETRY_TIMEOUT(self) -> float:
+        return float(self._get("CLAIM_RETRY_TIMEOUT"))
 
     @property
     def MAX_ATTEMPTS(self) -> int:

@@ -2,31 +2,37 @@
 
 Calling side: ``delay``/``apply_async``/``delay_on_commit`` record the task with ``dispatch()``.
 Worker side: the body runs only after the worker claimed the task's row; a duplicate delivery of
-a finished task (or of one running under a live lease) is acknowledged and skipped. Outcomes are
-written to the ledger; a ledger write that fails is logged and never fails the task.
+a finished task (or of one running under a live lease) is acknowledged and skipped. Both ends
+fail closed on the database: a claim the database does not take sends the delivery back to the
+broker without running the body, and an outcome (SUCCESS, FAILURE, RETRY) is written as soon as
+the body returns, retried on a fresh connection until the database stores it, before Celery's
+result backend is touched (it may live in the same database).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 from uuid import UUID
 
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
-from django.db import DatabaseError
 from django.utils import timezone
 
-from reliable_tasks import ledger
+from reliable_tasks import db_retry, ledger
 from reliable_tasks.conf import app_settings
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.outbox import dispatch, publish_records
 from reliable_tasks.payload import to_stored
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Options of ``apply_async`` that only make sense for an immediate publish; the outbox
 #: publishes later over its own connection, so it drops them.
@@ -108,18 +114,23 @@ class ReliableTask(DjangoTask):
         request.reliable_claim = claimed
         request.reliable_retry = None
         try:
-            return self.run(*args, **kwargs)
+            retval = self.run(*args, **kwargs)
         except (Retry, Ignore, Reject):
             raise
-        except self._retry_for_classes() as exc:
-            attempt = self._attempt(claimed)
-            if claimed is not None and attempt >= self._max_attempts(claimed):
-                raise
-            delay = backoff_seconds(
-                attempt or request.retries + 1,
-                float(self.retry_backoff), float(self.retry_backoff_max),
-                bool(getattr(self, "retry_jitter", True)))
-            raise self.retry(exc=exc, countdown=delay) from exc
+        except Exception as exc:
+            if claimed is not None and isinstance(exc, self._retry_for_classes()):
+                attempt = self._attempt(claimed)
+                if attempt < self._max_attempts(claimed):
+                    delay = backoff_seconds(
+                        attempt, float(self.retry_backoff), float(self.retry_backoff_max),
+                        bool(getattr(self, "retry_jitter", True)))
+                    raise self.retry(exc=exc, countdown=delay) from exc
+            if claimed is not None:
+                self._store(ledger.record_failure, request.id, claimed, exc)
+            raise
+        if claimed is not None:
+            self._store(ledger.record_success, request.id, claimed)
+        return retval
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
               throw: bool = True, eta: datetime | None = None, countdown: float | None = None,
@@ -138,27 +149,13 @@ class ReliableTask(DjangoTask):
                              throw=throw, eta=eta,
                              countdown=countdown, max_retries=max_retries, **options)
 
-    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
-        """Record SUCCESS."""
-        claimed = getattr(self.request, "reliable_claim", None)
-        if claimed is not None:
-            self._safely(ledger.record_success, task_id, claimed)
-
-    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
-                   einfo: Any) -> None:
-        """Record FAILURE with the error and its traceback."""
-        claimed = getattr(self.request, "reliable_claim", None)
-        if claimed is not None:
-            tb = getattr(einfo, "traceback", None)
-            self._safely(ledger.record_failure, task_id, claimed, exc, tb)
-
     # -- helpers ------------------------------------------------------------------------
 
     def _attempt(self, claimed: ledger.Claim | None) -> int:
         """This run's attempt number (read from the ledger on first need; 0 if unrecorded)."""
         if claimed is None:
             return 0
-        self._safely(ledger.load_attempt, self.request.id, claimed)
+        self._store(ledger.load_attempt, self.request.id, claimed)
         return claimed.attempt or 0
 
     def _max_attempts(self, claimed: ledger.Claim) -> int:
@@ -169,7 +166,11 @@ class ReliableTask(DjangoTask):
         return tuple(self.retry_for or ())
 
     def _claim(self, request: Any) -> ledger.Claim | None:
-        """Claim the row; raise ``Ignore`` for a duplicate; ``None`` if the ledger is unusable."""
+        """Claim the row; raise ``Ignore`` for a duplicate; ``None`` for a non-UUID task id.
+
+        The claim fails closed: a database that does not take it within
+        ``CLAIM_RETRY_TIMEOUT`` seconds never lets the body run (``_defer``).
+        """
         task_id = request.id
         try:
             UUID(str(task_id))
@@ -177,19 +178,54 @@ class ReliableTask(DjangoTask):
             logger.warning("%s[%s]: task id is not a UUID; running without the ledger",
                            self.name, task_id)
             return None
+        token = timezone.now()  # the claim's start time, the same on every try
+
+        def claim() -> ledger.Claim:
+            return ledger.claim(task_id, task_name=self.name, worker=request.hostname or "",
+                                rerun_after_lost=self.retry_on_lost, started_at=token)
+
         try:
-            claimed = ledger.claim(task_id, task_name=self.name, worker=request.hostname or "",
-                                   rerun_after_lost=self.retry_on_lost)
-        except DatabaseError:
-            logger.exception("%s[%s]: claiming in the ledger failed; running unrecorded",
-                             self.name, task_id)
-            return None
+            claimed = db_retry.within(claim, app_settings.CLAIM_RETRY_TIMEOUT,
+                                      what=f"{self.name}[{task_id}] claim")
+        except db_retry.TRANSIENT_ERRORS as exc:
+            self._defer(request, exc)
         if not claimed.won:
-            self._safely(ledger.count_duplicate_delivery, task_id)
             logger.info("%s[%s]: duplicate delivery skipped (%s)", self.name, task_id,
                         claimed.reason)
             raise Ignore(f"duplicate delivery: {claimed.reason}")
         return claimed
+
+    def _defer(self, request: Any, exc: BaseException) -> NoReturn:
+        """The ledger refused the claim: send the delivery back to run later, body not run.
+
+        A copy of the message goes to the broker with a countdown of ``CLAIM_RETRY_TIMEOUT``
+        and this delivery is acknowledged (``Ignore``), whatever the task's ``acks_late``. If
+        the broker refuses the copy too, the delivery is rejected with requeue, which puts it
+        back where ``acks_late`` is on. Eagerly (``apply()``, ``task_always_eager``) there is
+        no broker to go back to: the database error is raised.
+        """
+        if request.is_eager:
+            raise exc
+        delay = app_settings.CLAIM_RETRY_TIMEOUT
+        logger.warning("%s[%s]: the ledger did not take the claim (%r); the body did not run "
+                       "and the task goes back to the broker for %ss", self.name, request.id,
+                       exc, delay)
+        copy = self.signature_from_request(request, countdown=delay)
+        try:
+            DjangoTask.apply_async(self, copy.args, copy.kwargs, **copy.options)
+        except Exception as publish_error:
+            raise Reject(publish_error, requeue=True) from exc
+        raise Ignore("deferred: the ledger did not take the claim") from exc
+
+    def _store(self, write: Callable[..., T], *args: Any) -> T:
+        """Run a ledger write until the database stored it (never dropped, see ``db_retry``).
+
+        While it waits the task is still running as far as the worker knows, so the worker's
+        heartbeat keeps its lease: the sweeper never takes a finished task for a lost one.
+        """
+        name = getattr(write, "__name__", "write")
+        return db_retry.until_done(lambda: write(*args),
+                                   what=f"{self.name}[{self.request.id}] {name}")
 
     def _publish_retry(self, args: Any, kwargs: Any, task_id: str, options: dict[str, Any],
                        exc: BaseException) -> AsyncResult:
@@ -209,20 +245,11 @@ class ReliableTask(DjangoTask):
             call_changes["args"] = to_stored(list(args), "args")
         if kwargs is not None:
             call_changes["kwargs"] = to_stored(dict(kwargs), "kwargs")
-        recorded = self._safely(
+        recorded = self._store(functools.partial(
             ledger.record_retry, task_id, claimed, None if isinstance(exc, Retry) else exc,
-            sweeper_due_at, None, **call_changes)
+            sweeper_due_at, None, **call_changes))
         if not recorded:
             return super().apply_async(args, kwargs, task_id=task_id, **options)
         if not held:
             publish_records([TaskRecord.objects.get(pk=task_id)])
         return self.AsyncResult(task_id)
-
-    def _safely(self, write: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return write(*args, **kwargs)
-        except DatabaseError:
-            logger.exception("%s: ledger write %s failed; the task itself is unaffected",
-                             self.name, getattr(write, "__name__", write))
-            return None
-

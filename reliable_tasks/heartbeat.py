@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 from django.db import DatabaseError, close_old_connections, connections
 from django.utils import timezone
 
+from reliable_tasks import db_retry
+from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.models import TaskRecord, WorkerHeartbeat
+from reliable_tasks.pulse import touch
 from reliable_tasks.states import TaskState
 
 logger = logging.getLogger(__name__)
@@ -28,9 +32,11 @@ def beat(hostname: str, running_ids: Iterable[str], pid: int | None = None) -> i
     """Record that ``hostname`` is alive and extend its running tasks' leases.
 
     Returns how many leases were extended. Only the rows of tasks this worker still runs are
-    extended: a task whose pool process was killed keeps its old lease and expires.
+    extended: a task whose pool process was killed keeps its old lease and expires. Times are
+    the database's (``reliable_tasks.clock``), and the beat touches the ledger's pulse.
     """
-    now = timezone.now()
+    now = database_now()
+    touch(now)
     ids = list(running_ids)
     updated = WorkerHeartbeat.objects.filter(hostname=hostname).update(
         last_seen_at=now, running=len(ids), pid=pid or os.getpid(), stopped_at=None)
@@ -54,21 +60,34 @@ def mark_stopped(hostname: str) -> None:
 
 
 class HeartbeatThread(threading.Thread):
-    """Calls ``beat()`` every ``HEARTBEAT_INTERVAL`` until stopped; survives database errors."""
+    """Calls ``beat()`` every ``HEARTBEAT_INTERVAL`` until stopped, in an OS thread of its own.
+
+    It also stores the ledger writes the worker's main process could not (``defer()``): each
+    is tried again at every beat until the database takes it. Its connection is checked before
+    every beat (``close_old_connections``) and dropped after an error, so a restarted database
+    is reconnected at the next beat.
+    """
 
     def __init__(self, hostname: str, running_ids: Callable[[], Iterable[str]]) -> None:
         super().__init__(name=f"reliable-tasks-heartbeat-{hostname}", daemon=True)
         self.hostname = hostname
         self.running_ids = running_ids
         self._stopping = threading.Event()
+        self._deferred: deque[Callable[[], object]] = deque()
+
+    def defer(self, write: Callable[[], object]) -> None:
+        """Store ``write`` at the next beat, and at every beat after until it succeeds."""
+        self._deferred.append(write)
 
     def run(self) -> None:
         try:
             while not self._stopping.is_set():
                 self._beat_once()
                 self._stopping.wait(app_settings.HEARTBEAT_INTERVAL)
-            mark_stopped(self.hostname)
-        except DatabaseError:
+            db_retry.within(lambda: mark_stopped(self.hostname), app_settings.HEARTBEAT_INTERVAL,
+                            what="worker heartbeat: recording the stop")
+        except db_retry.TRANSIENT_ERRORS:
+            # Nothing is lost: the worker's heartbeat goes stale, which says the same later.
             logger.warning("worker heartbeat: recording the stop failed", exc_info=True)
         finally:
             connections.close_all()
@@ -77,10 +96,19 @@ class HeartbeatThread(threading.Thread):
         try:
             close_old_connections()
             beat(self.hostname, [str(task_id) for task_id in self.running_ids()])
+            self._store_deferred()
         except DatabaseError:
+            # Any error is tried again at the next beat (the thread must outlive it); the
+            # leases hold that long (HEARTBEAT_INTERVAL is well below LEASE_TIMEOUT) and,
+            # after an outage, the pulse holds them longer (tests/test_db_faults.py).
             logger.warning("worker heartbeat failed; retrying in %ss",
                            app_settings.HEARTBEAT_INTERVAL, exc_info=True)
-            connections.close_all()
+            db_retry.drop_connections()
+
+    def _store_deferred(self) -> None:
+        while self._deferred:
+            self._deferred[0]()  # a failure leaves it first in line for the next beat
+            self._deferred.popleft()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop beating, record the clean stop and wait for the thread to end."""

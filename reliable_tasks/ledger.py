@@ -20,6 +20,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from reliable_tasks import statements
+from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
 from reliable_tasks.models import TaskRecord
@@ -50,29 +51,42 @@ def _lease(now: datetime) -> datetime:
     return now + timedelta(seconds=app_settings.LEASE_TIMEOUT)
 
 
-def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool) -> Claim:
+def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
+          started_at: datetime | None = None) -> Claim:
     """Claim the row of a delivered task for this worker, or say why the body must not run.
 
+    ``started_at`` is the claim's token: the outcome write names it, and a claim retried after
+    a dropped connection finds its own earlier win by it (pass the same value on every try).
     The common case is one conditional UPDATE: it wins from PENDING, QUEUED and RETRY while the
     task has not expired. Otherwise the row is read to decide: a STARTED row whose lease expired
     is taken over when the task may re-run after its worker died; an expired task becomes
     EXPIRED; a row that does not exist (sent around the outbox, or pruned) is recorded as
-    started by this delivery; a finished task, or one running under a live lease, loses.
+    started by this delivery; a finished task, or one running under a live lease, loses, and
+    the skipped delivery is counted. Leases and expiry are judged by the database's clock.
     """
-    now = timezone.now()
-    changed = statements.claim(task_id, worker=worker, now=now, lease_expires_at=_lease(now))
+    started_at = started_at or timezone.now()
+    changed = statements.claim(task_id, worker=worker, started_at=started_at,
+                               lease_seconds=app_settings.LEASE_TIMEOUT)
     if changed:
-        return Claim(won=True, worker=worker, started_at=now)
-    return _claim_contended(task_id, task_name, worker, now, rerun_after_lost)
+        return Claim(won=True, worker=worker, started_at=started_at)
+    claimed = _claim_contended(task_id, task_name, worker, started_at, rerun_after_lost)
+    if not claimed.won:
+        TaskRecord.objects.filter(id=task_id).update(
+            duplicate_deliveries=F("duplicate_deliveries") + 1)
+    return claimed
 
 
-def _claim_contended(task_id: str, task_name: str, worker: str, now: datetime,
+def _claim_contended(task_id: str, task_name: str, worker: str, started_at: datetime,
                      rerun_after_lost: bool) -> Claim:
     row = (TaskRecord.objects.filter(id=task_id)
-           .values("state", "attempts", "lease_expires_at", "expires_at").first())
+           .values("state", "attempts", "lease_expires_at", "expires_at", "worker",
+                   "started_at").first())
+    now = database_now()
     if row is None:
-        return _claim_unrecorded(task_id, task_name, worker, now)
+        return _claim_unrecorded(task_id, task_name, worker, started_at, now)
     state = row["state"]
+    if state == TaskState.STARTED and (row["worker"], row["started_at"]) == (worker, started_at):
+        return Claim(won=True, worker=worker, started_at=started_at)  # an earlier try won
     if state in CLAIMABLE_STATES and row["expires_at"] is not None and row["expires_at"] < now:
         TaskRecord.objects.filter(id=task_id).transition(
             CLAIMABLE_STATES, state=TaskState.EXPIRED, finished_at=now)
@@ -81,10 +95,10 @@ def _claim_contended(task_id: str, task_name: str, worker: str, now: datetime,
     if state == TaskState.STARTED and lease_expired and rerun_after_lost:
         changed = TaskRecord.objects.filter(
             id=task_id, state=state, attempts=row["attempts"], lease_expires_at__lt=now,
-        ).update(attempts=row["attempts"] + 1, worker=worker, started_at=now,
+        ).update(attempts=row["attempts"] + 1, worker=worker, started_at=started_at,
                  lease_expires_at=_lease(now))
         if changed:
-            return Claim(won=True, worker=worker, started_at=now)
+            return Claim(won=True, worker=worker, started_at=started_at)
         return Claim(won=False, reason="claimed by another delivery")
     if state in CLAIMABLE_STATES:
         return Claim(won=False, reason="claimed by another delivery")
@@ -92,21 +106,17 @@ def _claim_contended(task_id: str, task_name: str, worker: str, now: datetime,
     return Claim(won=False, reason=why)
 
 
-def count_duplicate_delivery(task_id: str) -> None:
-    """Count a delivery that was skipped because the task had finished or was running."""
-    TaskRecord.objects.filter(id=task_id).update(
-        duplicate_deliveries=F("duplicate_deliveries") + 1)
-
-
-def _claim_unrecorded(task_id: str, task_name: str, worker: str, now: datetime) -> Claim:
+def _claim_unrecorded(task_id: str, task_name: str, worker: str, started_at: datetime,
+                      now: datetime) -> Claim:
     try:
         with transaction.atomic():
             TaskRecord.objects.create(
                 id=task_id, task_name=task_name, state=TaskState.STARTED, attempts=1,
-                worker=worker, started_at=now, adopted=True, lease_expires_at=_lease(now))
+                worker=worker, started_at=started_at, adopted=True,
+                lease_expires_at=_lease(now))
     except IntegrityError:
         return Claim(won=False, reason="recorded by another delivery meanwhile")
-    return Claim(won=True, worker=worker, started_at=now, attempt=1)
+    return Claim(won=True, worker=worker, started_at=started_at, attempt=1)
 
 
 def _held_by(task_id: str, claimed: Claim) -> TaskRecordQuerySet:
@@ -162,8 +172,15 @@ def record_success(task_id: str, claimed: Claim) -> bool:
     attempts); the history keeps the attempts that did not succeed.
     """
     assert claimed.started_at is not None, "a won claim has its start time"
-    return statements.succeed(task_id, worker=claimed.worker, started_at=claimed.started_at,
-                              now=timezone.now()) == 1
+    changed = statements.succeed(task_id, worker=claimed.worker, started_at=claimed.started_at,
+                                 now=timezone.now())
+    return changed == 1 or _already(task_id, claimed, TaskState.SUCCESS)
+
+
+def _already(task_id: str, claimed: Claim, state: TaskState) -> bool:
+    """Whether this claim's row is in ``state`` already: a retried write whose first try was
+    stored although its connection broke before the answer came back."""
+    return _held_by(task_id, claimed).filter(state=state).exists()
 
 
 def record_failure(task_id: str, claimed: Claim, exc: BaseException,
@@ -178,7 +195,7 @@ def record_failure(task_id: str, claimed: Claim, exc: BaseException,
         (TaskState.STARTED,),
         state=TaskState.FAILURE, finished_at=now, lease_expires_at=None, next_attempt_at=None,
         history=_bounded(claimed.history, entry), **errors,
-    ) == 1
+    ) == 1 or _already(task_id, claimed, TaskState.FAILURE)
 
 
 def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
@@ -197,7 +214,7 @@ def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
         (TaskState.STARTED,),
         state=TaskState.RETRY, next_attempt_at=next_attempt_at, lease_expires_at=None,
         history=_bounded(claimed.history, entry), **errors, **call_changes,
-    ) == 1
+    ) == 1 or _already(task_id, claimed, TaskState.RETRY)
 
 
 def record_revoked(task_id: str, *, expired: bool) -> bool:

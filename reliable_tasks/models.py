@@ -239,3 +239,23 @@ class BrokerEpoch(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.run_id}"
+
+
+class LedgerPulse(models.Model):
+    """When the app's processes last reached the ledger, and since when without a gap.
+
+    Every worker heartbeat and every sweeper pass touches the one row (``name="ledger"``), with
+    the database's clock. A gap longer than a third of a lease means nobody could reach the database
+    (or nothing ran): ``steady_since`` starts again, and the sweeper expires no lease until a
+    whole lease has passed since then, so that heartbeats resume before any lease is judged.
+    """
+
+    name = models.CharField(max_length=50, primary_key=True)
+    last_seen_at = models.DateTimeField()
+    steady_since = models.DateTimeField()
+
+    class Meta:
+        verbose_name = "ledger pulse"
+
+    def __str__(self) -> str:
+        return f"{self.name}: steady since {self.steady_since.isoformat()}"

@@ -339,10 +339,9 @@ MARK_CHUNK = 2000
 
 def _mark_queued(ids: list[Any]) -> None:
     """Mark published rows QUEUED, without waiting for the disk where the database allows."""
-    now = timezone.now()
     with publishing_transaction():
         for start in range(0, len(ids), MARK_CHUNK):
-            statements.mark_queued(ids[start:start + MARK_CHUNK], now=now)
+            statements.mark_queued(ids[start:start + MARK_CHUNK])
 
 
 def _record_publish_failure(ids: list[Any], exc: Exception, retry_at: datetime | None) -> None:

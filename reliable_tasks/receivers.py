@@ -8,15 +8,14 @@ connection between tasks.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from celery import signals
 from celery.utils.dispatch import Signal
-from django.db import connections
+from django.db import close_old_connections
 
-from reliable_tasks import adoption, ledger
+from reliable_tasks import adoption, db_retry, ledger
 from reliable_tasks.conf import app_settings
 from reliable_tasks.states import TaskState
 
@@ -50,9 +49,12 @@ def on_after_task_publish(sender: str | None = None, headers: dict[str, Any] | N
 
 def on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None,
                    **_: Any) -> None:
-    """Adopt a plain task starting on this worker."""
+    """Check the connections as Django's request cycle does; adopt a plain task starting."""
     task = task or sender
-    if task is None or _is_reliable(task) or task.request.called_directly:
+    if task is None or task.request.called_directly or task.request.is_eager:
+        return
+    close_old_connections()
+    if _is_reliable(task):
         return
     adoption.adopt_started(task_id, task.name, task.request.hostname or "")
 
@@ -85,14 +87,30 @@ def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None,
 
 def on_task_revoked(sender: Any = None, request: Any = None, expired: bool = False,
                     **_: Any) -> None:
-    """Record a revoked or expired task (any task class)."""
+    """Record a revoked or expired task (any task class).
+
+    This runs in the worker's main process, which must not wait for a database that is down:
+    a write the database does not take now is handed to the heartbeat thread, which stores it
+    at its next beat, or the first one after the database is back.
+    """
     task_id = getattr(request, "id", None)
     if not task_id:
         return
+
+    def write() -> object:
+        return ledger.record_revoked(task_id, expired=bool(expired))
+
+    close_old_connections()
     try:
-        ledger.record_revoked(task_id, expired=bool(expired))
-    except Exception:  # noqa: BLE001 - a signal receiver must not break the worker
-        logger.warning("recording the revocation of %s failed", task_id, exc_info=True)
+        write()
+    except db_retry.TRANSIENT_ERRORS:
+        db_retry.drop_connections()
+        thread = _heartbeat.get("thread")
+        if thread is None:
+            raise
+        logger.warning("recording the revocation of %s failed; the heartbeat stores it later",
+                       task_id, exc_info=True)
+        thread.defer(write)
 
 
 _in_worker: dict[str, bool] = {}
@@ -114,7 +132,8 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
     ``CELERY_DB_REUSE_MAX`` is set, ignoring ``CONN_MAX_AGE``: a new connection per task. It
     reads that setting before Django (and so this app) is set up, so this receiver gives the
     fixup's worker part the default instead. Broken or expired connections are still closed
-    after each task (``on_task_postrun``).
+    before and after each task (``on_task_prerun``, ``on_task_postrun``), as Django closes
+    them around each request.
     """
     _in_worker["worker"] = True  # inherited by the pool processes forked later
     app = getattr(sender, "app", None)
@@ -124,15 +143,16 @@ def on_worker_init(sender: Any = None, **_: Any) -> None:
             worker_fixup.db_reuse_max = 2**31
 
 
-def on_task_postrun(**_: Any) -> None:
-    """Close connections that broke during the task, or outlived a set ``CONN_MAX_AGE``."""
-    for connection in connections.all(initialized_only=True):
-        if connection.connection is None:
-            continue
-        expired = connection.close_at is not None and connection.settings_dict.get(
-            "CONN_MAX_AGE") and connection.close_at <= time.monotonic()
-        if expired or (connection.errors_occurred and not connection.is_usable()):
-            connection.close()
+def on_task_postrun(sender: Any = None, task: Any = None, **_: Any) -> None:
+    """Close connections that broke during the task, or outlived ``CONN_MAX_AGE``.
+
+    With ``on_task_prerun`` this is Django's request cycle around every task: a connection is
+    reused between tasks until it breaks or ages, and ``CONN_HEALTH_CHECKS`` is honoured.
+    """
+    task = task or sender
+    if task is not None and (task.request.called_directly or task.request.is_eager):
+        return
+    close_old_connections()
 
 
 _heartbeat: dict[str, Any] = {}

@@ -22,6 +22,7 @@ from typing import Any
 
 from django.db import connections, models, router
 
+from reliable_tasks.clock import later_sql, now_sql
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.states import CLAIMABLE_STATES, TaskState
 
@@ -47,10 +48,11 @@ def _claim_sql(alias: str) -> str:
         alias, "state", "attempts", "worker", "started_at", "lease_expires_at",
         "next_attempt_at", "expires_at", "id")
     states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
+    # The lease and the expiry are the database's time: another host compares them.
     return (f"UPDATE {table} SET {state} = %s, {attempts} = {attempts} + 1, {worker} = %s, "
-            f"{started} = %s, {lease} = %s, {next_attempt} = NULL "
+            f"{started} = %s, {lease} = {later_sql(0, alias)[0]}, {next_attempt} = NULL "
             f"WHERE {pk} = %s AND {state} IN ({states}) "
-            f"AND ({expires} IS NULL OR {expires} >= %s)")
+            f"AND ({expires} IS NULL OR {expires} >= {now_sql(alias)[0]})")
 
 
 @lru_cache(maxsize=8)
@@ -70,7 +72,9 @@ def _queued_sql(alias: str, count: int) -> str:
         alias, "state", "published_at", "next_attempt_at", "publish_attempts", "publish_error",
         "id")
     ids = ", ".join(["%s"] * count)
-    return (f"UPDATE {table} SET {state} = %s, {published} = %s, {next_attempt} = NULL, "
+    # published_at is the database's time: the requeue after a broker loss compares it.
+    return (f"UPDATE {table} SET {state} = %s, {published} = {now_sql(alias)[0]}, "
+            f"{next_attempt} = NULL, "
             f"{attempts} = {attempts} + 1, {error} = '' "
             f"WHERE {pk} IN ({ids}) AND CASE WHEN {state} IN (%s, %s) THEN 1 ELSE 0 END = 1")
 
@@ -90,15 +94,19 @@ def _moment(value: datetime, alias: str) -> Any:
     return connections[alias].ops.adapt_datetimefield_value(value)
 
 
-def claim(task_id: str, *, worker: str, now: datetime, lease_expires_at: datetime) -> int:
+def claim(task_id: str, *, worker: str, started_at: datetime, lease_seconds: float) -> int:
     """STARTED for ``worker`` from a claimable state, if the task has not expired.
 
-    Returns the number of rows changed (1: the claim won).
+    ``started_at`` is the claim's token (its outcome write names it); the lease runs for
+    ``lease_seconds`` from the database's current time. Returns the number of rows changed
+    (1: the claim won).
     """
     alias = _alias()
     return _execute(_claim_sql(alias), [
-        TaskState.STARTED.value, worker, _moment(now, alias), _moment(lease_expires_at, alias),
-        _id(task_id, alias), *(state.value for state in CLAIMABLE_STATES), _moment(now, alias),
+        TaskState.STARTED.value, worker, _moment(started_at, alias),
+        *later_sql(lease_seconds, alias)[1],
+        _id(task_id, alias), *(state.value for state in CLAIMABLE_STATES),
+        *now_sql(alias)[1],
     ], alias)
 
 
@@ -114,21 +122,20 @@ def succeed(task_id: str, *, worker: str, started_at: datetime, now: datetime) -
     ], alias)
 
 
-def mark_queued(task_ids: list[Any], *, now: datetime) -> int:
+def mark_queued(task_ids: list[Any]) -> int:
     """QUEUED for published rows still PENDING or RETRY; returns the number of rows changed.
 
     The state is compared inside a ``CASE``, so that the rows are found by their primary key
     and never through an index on ``state`` (``querysets.state_still_in`` says why).
     """
     alias = _alias()
-    return _execute(*queued_statement(task_ids, now=now, alias=alias), alias)
+    return _execute(*queued_statement(task_ids, alias=alias), alias)
 
 
-def queued_statement(task_ids: list[Any], *, now: datetime,
-                     alias: str) -> tuple[str, list[Any]]:
+def queued_statement(task_ids: list[Any], *, alias: str) -> tuple[str, list[Any]]:
     """The SQL and parameters of ``mark_queued`` on ``alias`` (for EXPLAIN in tests)."""
     return _queued_sql(alias, len(task_ids)), [
-        TaskState.QUEUED.value, _moment(now, alias), *(_id(str(pk), alias) for pk in task_ids),
+        TaskState.QUEUED.value, *now_sql(alias)[1], *(_id(str(pk), alias) for pk in task_ids),
         TaskState.PENDING.value, TaskState.RETRY.value,
     ]
 

@@ -1,7 +1,8 @@
 """The sweeper: repairs what went wrong, in bounded batches, safely from many processes at once.
 
 One pass:
-1. turns expired leases (their worker stopped heartbeating) into RETRY or LOST;
+1. turns expired leases (their worker stopped heartbeating) into RETRY or LOST, unless the
+   database was unreachable less than a lease ago (``reliable_tasks.pulse``);
 2. notices a broker that lost its data (the Redis server's run id changed) and makes the
    QUEUED rows published before the change due for re-publishing;
 3. publishes due rows: PENDING past the publish grace or their held delay, RETRY past their
@@ -26,15 +27,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection, connections, transaction
-from django.utils import timezone
 
 from reliable_tasks.broker_epoch import check_broker_epoch
 from reliable_tasks.celery_app import find_task, get_celery_app
+from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.metrics import observe_sweep
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.outbox import publish_records, publishing_transaction
 from reliable_tasks.publisher import PublishRow, close_publisher
+from reliable_tasks.pulse import leases_may_expire, touch
 from reliable_tasks.querysets import TaskRecordQuerySet
 from reliable_tasks.states import TaskState
 from reliable_tasks.sync import push_marked
@@ -48,6 +50,7 @@ class SweepReport:
 
     expired_leases_retried: int = 0
     expired_leases_lost: int = 0
+    leases_held_after_outage: bool = False
     broker_changed: bool = False
     requeued_after_broker_loss: int = 0
     published: int = 0
@@ -72,15 +75,24 @@ class _Budget:
 
 
 def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> SweepReport:
-    """Run one sweeper pass and return what it did. Safe to run from many processes at once."""
+    """Run one sweeper pass and return what it did. Safe to run from many processes at once.
+
+    ``now`` defaults to the database's clock, which every time the pass compares was written
+    with (leases, published times) or is close to (due times: see ``reliable_tasks.clock``).
+    """
     started = time.monotonic()
-    now = now or timezone.now()
+    now = now or database_now()
     budget = _Budget(time_budget if time_budget is not None
                      else max(app_settings.SWEEP_INTERVAL * 0.8, 1.0))
     batch_size = app_settings.SWEEP_BATCH_SIZE
     report = SweepReport()
-    report.expired_leases_retried, report.expired_leases_lost = expire_leases(
-        now, batch_size, budget)
+    if leases_may_expire(now, touch(now)):
+        report.expired_leases_retried, report.expired_leases_lost = expire_leases(
+            now, batch_size, budget)
+    else:
+        report.leases_held_after_outage = True
+        logger.info("sweep: the ledger was unreachable less than a lease ago; no lease is "
+                    "judged until the workers' heartbeats had a whole lease to resume")
     epoch = check_broker_epoch(now)
     if epoch.changed:
         report.broker_changed = True
