@@ -1,15 +1,18 @@
 """Start, stop and break the servers that ``make demo`` and the test suite run.
 
-``RedisServer`` runs a throwaway ``redis-server`` and ``CeleryProcess`` a Celery worker or beat of
-the example project; ``ManagedProcess`` is the generic part (any command, such as ``runserver``).
+``RedisServer`` runs a throwaway ``redis-server``, ``PostgresServer`` a throwaway PostgreSQL
+cluster and ``CeleryProcess`` a Celery worker or beat of the example project; ``ManagedProcess`` is
+the generic part (any command, such as ``runserver``).
 
 Rules every class here keeps:
 
-- Servers listen on the loopback interface only, on a free port: the machine's own Redis is never
-  used.
+- Servers listen on the loopback interface only, on a free port: the machine's own Redis and
+  PostgreSQL are never used.
 - Only processes started here are ever signalled, by PID, or by process group for the group of a
   session started here. A child is left unreaped (a zombie) until it is cleaned up, so neither its
-  PID nor its process group can be reused by an unrelated process in the meantime.
+  PID nor its process group can be reused by an unrelated process in the meantime. PostgreSQL's
+  backends, which leave the postmaster's session, are signalled by PID while the postmaster that
+  forked them is stopped (SIGSTOP), so it cannot reap them and their PIDs cannot be reused.
 - Every started instance is kept in a module-level registry until stopped, and an ``atexit`` hook
   stops whatever is still running, so nothing outlives the Python process (short of a SIGKILL of
   that process).
@@ -22,24 +25,29 @@ import contextlib
 import functools
 import importlib.util
 import os
+import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+
+if TYPE_CHECKING:
+    import psycopg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -191,8 +199,15 @@ class _Child:
     """
 
     def __init__(
-        self, argv: Sequence[str], *, env: Mapping[str, str] | None, cwd: Path, output: Path
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None,
+        cwd: Path,
+        output: Path,
+        user: str | None = None,
     ) -> None:
+        """Start ``argv``; with ``user``, as that user (this process must be root)."""
         with open(output, "ab") as out:
             self.popen = subprocess.Popen(
                 list(argv),
@@ -202,6 +217,7 @@ class _Child:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                **_run_as(user),
             )
         self.pid = self.popen.pid
 
@@ -253,6 +269,56 @@ class _Child:
     def reap(self) -> None:
         """Wait for the process to exit and collect it (its PID is free for reuse after this)."""
         self.popen.wait()
+
+
+def _run_as(user: str | None) -> dict[str, Any]:
+    """``subprocess`` arguments that make the child ``user`` (its groups too); none for None.
+
+    The child switches user between fork and exec, so the process started *is* the command (no
+    ``runuser`` or ``su`` in between to forward, or not forward, signals).
+    """
+    if user is None:
+        return {}
+    account = pwd.getpwnam(user)
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": os.getgrouplist(user, account.pw_gid),
+    }
+
+
+def _child_pids(pid: int) -> list[int]:
+    """Return the PIDs of the direct children of process ``pid`` (none once it is gone)."""
+    task_files = list(Path(f"/proc/{pid}/task").glob("*/children"))
+    if task_files:
+        text = " ".join(path.read_text() for path in task_files)
+    else:  # kernels built without CONFIG_PROC_CHILDREN
+        text = subprocess.run(
+            ["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True
+        ).stdout
+    return sorted(int(token) for token in text.split())
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie...).
+
+    None when there is no such process.
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text.rsplit(")", 1)[1].split()[0]  # the name, in parentheses, may hold spaces
+
+
+def _wait_state(pid: int, states: str, timeout: float) -> bool:
+    """Wait up to ``timeout`` s until process ``pid`` is in one of ``states`` or gone."""
+    deadline = time.monotonic() + timeout
+    while (state := _process_state(pid)) is not None and state not in states:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 class _RunsOneChild:
@@ -1005,6 +1071,493 @@ def celery_app_using(app: Any, conf: Mapping[str, Any]) -> Iterator[None]:
                 app.conf[key] = value
 
 
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+#: The system user a ``PostgresServer`` runs as when this process is root: ``initdb`` and
+#: ``postgres`` refuse to run as root.
+POSTGRES_SYSTEM_USER = "postgres"
+#: The cluster's superuser (``initdb -U``); every connection from 127.0.0.1 is trusted.
+POSTGRES_SUPERUSER = "postgres"
+
+PostgresShutdownMode = Literal["smart", "fast", "immediate"]
+
+#: The postmaster's signal for each shutdown mode of ``pg_ctl stop -m``.
+_POSTGRES_SHUTDOWN_SIGNALS: dict[str, signal.Signals] = {
+    "smart": signal.SIGTERM,  # wait for the clients to disconnect
+    "fast": signal.SIGINT,  # roll back and disconnect the clients, then a clean shutdown
+    "immediate": signal.SIGQUIT,  # quit at once: the next start runs crash recovery
+}
+
+
+def _has_postgres_binaries(bin_dir: Path) -> bool:
+    return all(os.access(bin_dir / name, os.X_OK) for name in ("postgres", "initdb"))
+
+
+def find_postgres_bin_dir() -> Path | None:
+    """Return the directory of the PostgreSQL server binaries, or None if there are none.
+
+    The highest version under ``/usr/lib/postgresql/<version>/bin`` (Debian, Ubuntu) wins;
+    otherwise the directory of the ``postgres`` on PATH, if ``initdb`` is beside it.
+    """
+    versions: list[tuple[tuple[int, ...], Path]] = []
+    for bin_dir in Path("/usr/lib/postgresql").glob("*/bin"):
+        with contextlib.suppress(ValueError):  # not a version number
+            version = tuple(int(part) for part in bin_dir.parent.name.split("."))
+            if _has_postgres_binaries(bin_dir):
+                versions.append((version, bin_dir))
+    if versions:
+        return max(versions)[1]
+    on_path = shutil.which("postgres")
+    if on_path is not None:
+        for bin_dir in (Path(on_path).parent, Path(on_path).resolve().parent):
+            if _has_postgres_binaries(bin_dir):
+                return bin_dir
+    return None
+
+
+def postgres_unavailable() -> str | None:
+    """Return why a ``PostgresServer`` cannot run here (a reason to skip), or None if it can."""
+    if find_postgres_bin_dir() is None:
+        return (
+            "no PostgreSQL server binaries (postgres and initdb) in /usr/lib/postgresql/*/bin "
+            "or on PATH: install them, e.g. apt-get install postgresql"
+        )
+    if importlib.util.find_spec("psycopg") is None:
+        return "psycopg (version 3) is not installed: pip install 'psycopg[binary]'"
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(POSTGRES_SYSTEM_USER)
+        except KeyError:
+            return (
+                f"running as root, and there is no {POSTGRES_SYSTEM_USER!r} user to run "
+                "PostgreSQL as (initdb and postgres refuse root)"
+            )
+    return None
+
+
+def _searchable_by(directory: Path, uid: int, gids: Collection[int]) -> bool:
+    """Whether a process of ``uid`` and ``gids`` may reach ``directory`` (mode bits only)."""
+    for each in (directory, *directory.parents):
+        info = each.stat()
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return False
+    return True
+
+
+def _postgres_env() -> dict[str, str]:
+    """This process' environment without ``PG*`` variables (the command line says it all)."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+
+
+class PostgresServer(_RunsOneChild, _StartedInWith):
+    """A throwaway PostgreSQL cluster on 127.0.0.1: its own ``initdb``, ``postgres`` a child.
+
+    The cluster trusts every connection (``--auth=trust``, superuser ``postgres``), listens on
+    127.0.0.1 only, on a port chosen by the first ``start()`` and kept by ``restart()``, and has
+    no Unix socket. ``database`` is created by the first start of the instance.
+
+    The PID held is the postmaster's own: as root (``initdb`` and ``postgres`` refuse root), the
+    child switches to the ``postgres`` system user before it executes ``postgres``. Faults:
+    ``stop(mode)`` (smart, fast or immediate shutdown), ``kill()`` (SIGKILL of the postmaster and
+    every process it forked, a crash), ``restart(mode)`` (data kept), ``pause()``/``resume()``
+    (a hung database) and ``terminate_backends()``. Use as a context manager or call ``stop()``.
+
+    The files go to ``base_dir``: the log (``postgres.log``) and the cluster (``pgdata``). As root,
+    when the ``postgres`` user cannot reach ``base_dir`` (pytest's ``tmp_path`` lies in a 0o700
+    directory), the cluster goes to a directory of the system's temporary directory instead, which
+    ``stop()`` removes.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_dir: Path | str | None = None,
+        database: str = "reliable_tasks",
+        fsync: bool = True,
+        synchronous_commit: bool = True,
+        settings: Mapping[str, str] | None = None,
+        bin_dir: Path | str | None = None,
+        startup_timeout: float = 60.0,
+    ) -> None:
+        """Prepare a cluster; ``base_dir`` defaults to a temporary directory removed by stop().
+
+        ``fsync=False`` is faster but loses the guarantee that a committed transaction survives
+        a crash of the machine (a crash of the server alone, as ``kill()``, loses nothing).
+        ``settings`` are more ``-c name=value`` server settings.
+        """
+        found = Path(bin_dir) if bin_dir is not None else find_postgres_bin_dir()
+        if found is None:
+            raise RuntimeError(postgres_unavailable())
+        self.bin_dir = found
+        self.database = database
+        self.fsync = fsync
+        self.synchronous_commit = synchronous_commit
+        self.settings = dict(settings or {})
+        self.startup_timeout = startup_timeout
+        #: The user the server runs as (None: this process' own user).
+        self.user = POSTGRES_SYSTEM_USER if os.geteuid() == 0 else None
+        self._given_dir = Path(base_dir) if base_dir is not None else None
+        self._dir: Path | None = None
+        self._data: Path | None = None
+        self._data_outside = False  # the cluster lives outside base_dir, in a directory we made
+        self._database_ready = False
+        self._port: int | None = None
+        self._child = None
+        self._paused: list[int] | None = None
+
+    def __repr__(self) -> str:
+        return f"<PostgresServer port={self._port} pid={self.pid}>"
+
+    # -- where ---------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port on 127.0.0.1 (fixed by the first ``start()``)."""
+        if self._port is None:
+            raise RuntimeError("the PostgreSQL server has not been started")
+        return self._port
+
+    def url_for(self, database: str) -> str:
+        """``postgres://postgres@127.0.0.1:<port>/<database>``."""
+        return f"postgres://{POSTGRES_SUPERUSER}@{LOOPBACK}:{self.port}/{quote(database, safe='')}"
+
+    @property
+    def url(self) -> str:
+        """The URL of ``database``: ``postgres://postgres@127.0.0.1:<port>/<database>``."""
+        return self.url_for(self.database)
+
+    @property
+    def base_dir(self) -> Path:
+        """The directory of the log (and of the cluster, unless ``data_dir`` says otherwise)."""
+        if self._dir is None:
+            raise RuntimeError("the PostgreSQL server has not been started")
+        return self._dir
+
+    @property
+    def data_dir(self) -> Path:
+        """The cluster's data directory (``PGDATA``)."""
+        if self._data is None:
+            raise RuntimeError("the PostgreSQL server has not been started")
+        return self._data
+
+    @property
+    def log_path(self) -> Path:
+        """The file receiving the output of ``initdb`` and of the server."""
+        return self.base_dir / "postgres.log"
+
+    def log_text(self) -> str:
+        """Return everything ``initdb`` and the server have logged so far."""
+        if self._dir is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        """Return the PIDs of the postmaster's children: backends and auxiliary processes."""
+        if self._child is None or not self.is_running():
+            return []
+        return _child_pids(self._child.pid)
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start the cluster (after ``initdb`` if it has none); wait until it takes connections.
+
+        The first start picks a free port (three, if others take them first); later ones reuse
+        it. A cluster that was killed runs crash recovery first.
+        """
+        if self.is_running():
+            raise RuntimeError(f"{self!r} is already running")
+        self._prepare_dirs()
+        _register(self)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._initdb()
+        attempts = 1 if self._port is not None else 3
+        for _ in range(attempts):
+            port = self._port or free_port()
+            child = _Child(self._argv(port), env=_postgres_env(), cwd=self.data_dir,
+                           output=self.log_path, user=self.user)
+            if self._wait_ready(child, port):
+                self._child, self._port = child, port
+                break
+            self._kill_cluster(child)
+        else:
+            raise RuntimeError(
+                f"postgres did not start on {LOOPBACK}:{port}; its log ends with:\n"
+                + self.log_text()[-4000:]
+            )
+        if not self._database_ready:
+            self.create_database(self.database)
+            self._database_ready = True
+        return self
+
+    def stop(self, mode: PostgresShutdownMode = "fast", timeout: float = 30.0) -> None:
+        """Shut the cluster down as ``pg_ctl stop -m <mode>`` would; remove what we created.
+
+        A cluster that has not exited ``timeout`` s after the signal is killed. The temporary
+        directories this instance created are removed, the cluster in them too.
+        """
+        self._shut_down(mode, timeout)
+        self._remove_orphaned_shared_memory()
+        if self._data is not None and self._data_outside:
+            shutil.rmtree(self._data, ignore_errors=True)
+            self._data, self._database_ready = None, False
+        if self._dir is not None and self._given_dir is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir, self._data, self._database_ready = None, None, False
+        _unregister(self)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every process it forked (a crash); wait until all are gone.
+
+        The data directory is kept: the next ``start()`` runs crash recovery, and keeps every
+        transaction committed before the kill.
+        """
+        if self._child is not None:
+            self._kill_cluster(self._child)
+        self._paused = None
+
+    def restart(self, mode: PostgresShutdownMode = "fast", timeout: float = 30.0) -> Self:
+        """Shut the cluster down (``mode``, if it runs) and start it again: same port, same data."""
+        self._shut_down(mode, timeout)
+        return self.start()
+
+    def pause(self) -> None:
+        """Freeze the cluster, as a hung database host: SIGSTOP to every process of it.
+
+        The kernel still accepts connections, but nothing answers them or any query; ``resume()``
+        thaws it.
+        """
+        child = self._running_child()
+        if self._paused is not None:
+            return
+        child.signal(signal.SIGSTOP)
+        if not _wait_state(child.pid, "Tt", timeout=5):
+            raise RuntimeError(f"the postmaster of {self!r} did not stop")
+        # Stopped, the postmaster forks nothing and reaps nothing: these PIDs stay its children.
+        pids = _child_pids(child.pid)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        self._paused = pids
+
+    def resume(self) -> None:
+        """Undo ``pause()``: SIGCONT to the processes it stopped, the postmaster last."""
+        if self._paused is None or self._child is None:
+            return
+        for pid in self._paused:  # still children of the stopped postmaster: not reused
+            os.kill(pid, signal.SIGCONT)
+        self._child.signal(signal.SIGCONT)
+        self._paused = None
+
+    # -- clients -------------------------------------------------------------------------------
+
+    def connect(
+        self,
+        database: str | None = None,
+        *,
+        autocommit: bool = True,
+        connect_timeout: int = 5,
+        **kwargs: Any,
+    ) -> psycopg.Connection[Any]:
+        """Return a psycopg connection to ``database`` (default: ``self.database``)."""
+        import psycopg
+
+        return psycopg.connect(autocommit=autocommit, **kwargs,
+                               **self._conninfo(self.port, database or self.database,
+                                                connect_timeout))
+
+    def create_database(self, name: str) -> None:
+        """Create the database ``name`` unless it exists."""
+        from psycopg import sql
+
+        with self.connect("postgres") as conn:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+    def terminate_backends(self, database: str | None = None) -> int:
+        """Terminate every client connection (of ``database`` if given) but the one asking.
+
+        Waits until each backend has exited (PostgreSQL 14 and later). Return how many were
+        terminated: their clients' next query fails with ``psycopg.OperationalError``.
+        """
+        query = (
+            "SELECT pg_terminate_backend(pid{timeout}) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        params: list[Any] = []
+        if database is not None:
+            query += " AND datname = %s"
+            params.append(database)
+        with self.connect("postgres") as conn:
+            timeout = ", 10000" if conn.info.server_version >= 140000 else ""
+            rows = conn.execute(query.format(timeout=timeout), params).fetchall()
+        return sum(1 for (terminated,) in rows if terminated)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _running_child(self) -> _Child:
+        if self._child is None or not self.is_running():
+            raise RuntimeError(f"{self!r} is not running")
+        return self._child
+
+    def _prepare_dirs(self) -> None:
+        """Create ``base_dir`` and the cluster directory, the latter owned by the server's user."""
+        if self._dir is None:
+            self._dir = self._given_dir or Path(tempfile.mkdtemp(prefix="rt-postgres-"))
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._dir = self._dir.resolve()
+            if self.user is not None and self._given_dir is None:
+                self._dir.chmod(0o711)  # mkdtemp's 0o700 would keep the server's user out
+        if self._data is not None:
+            return
+        if self.user is None:
+            self._data = self._dir / "pgdata"
+            self._data.mkdir(mode=0o700, exist_ok=True)
+            return
+        account = pwd.getpwnam(self.user)
+        gids = os.getgrouplist(self.user, account.pw_gid)
+        if _searchable_by(self._dir, account.pw_uid, gids):
+            self._data = self._dir / "pgdata"
+            self._data.mkdir(mode=0o700, exist_ok=True)
+        else:
+            self._data = Path(tempfile.mkdtemp(prefix="rt-pgdata-")).resolve()
+            self._data_outside = True
+            if not _searchable_by(self._data.parent, account.pw_uid, gids):
+                shutil.rmtree(self._data)
+                self._data, self._data_outside = None, False
+                raise RuntimeError(
+                    f"the {self.user!r} user can reach neither {self._dir} nor the system's "
+                    "temporary directory: give PostgresServer a base_dir it can reach"
+                )
+        os.chown(self._data, account.pw_uid, account.pw_gid)
+
+    def _initdb(self) -> None:
+        argv = [str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "--auth=trust",
+                "-U", POSTGRES_SUPERUSER, "--encoding=UTF8", "--locale=C", "--no-sync"]
+        with open(self.log_path, "ab") as out:
+            result = subprocess.run(argv, cwd=self.data_dir, env=_postgres_env(),
+                                    stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, timeout=120, **_run_as(self.user))
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"initdb failed ({result.returncode}); its output:\n{self.log_text()[-4000:]}"
+            )
+
+    def _argv(self, port: int) -> list[str]:
+        settings = {
+            "listen_addresses": LOOPBACK,
+            "unix_socket_directories": "",  # TCP only (and no path length limit to meet)
+            "fsync": "on" if self.fsync else "off",
+            "synchronous_commit": "on" if self.synchronous_commit else "off",
+            **self.settings,
+        }
+        argv = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir), "-p", str(port)]
+        for name, value in settings.items():
+            argv += ["-c", f"{name}={value}"]
+        return argv
+
+    @staticmethod
+    def _conninfo(port: int, database: str, connect_timeout: int) -> dict[str, Any]:
+        return {
+            "host": LOOPBACK,
+            "port": port,
+            "user": POSTGRES_SUPERUSER,
+            "dbname": database,
+            "connect_timeout": connect_timeout,
+            "sslmode": "disable",
+            "gssencmode": "disable",
+        }
+
+    def _wait_ready(self, child: _Child, port: int) -> bool:
+        """Wait until ``child`` takes connections on ``port``; False if it exited or another
+        server answered there."""
+        import psycopg
+
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline and not child.exited():
+            try:
+                with psycopg.connect(autocommit=True,
+                                     **self._conninfo(port, "postgres", 2)) as probe:
+                    row = probe.execute("SHOW data_directory").fetchone()
+            except psycopg.OperationalError:  # refused, or still starting up
+                time.sleep(_POLL_INTERVAL)
+                continue
+            # The port may have been taken by another server.
+            return row is not None and Path(row[0]) == self.data_dir
+        return False
+
+    def _shut_down(self, mode: PostgresShutdownMode, timeout: float) -> None:
+        """Signal the postmaster for a ``mode`` shutdown, wait, kill it if it lingers, reap it."""
+        child = self._child
+        if child is None:
+            return
+        self.resume()
+        if not child.exited():
+            child.signal(_POSTGRES_SHUTDOWN_SIGNALS[mode])
+            if not child.wait_exited(timeout):
+                self._kill_cluster(child)
+        # The postmaster waits for its children before it exits: nothing else is left.
+        child.kill_group()
+        child.reap()
+
+    def _kill_cluster(self, child: _Child) -> None:
+        """SIGKILL the postmaster ``child`` and every process it forked, then reap it.
+
+        The postmaster's children each start a session of their own, so a process group kill
+        misses them. The postmaster is stopped first: it then neither forks nor reaps, so the
+        PIDs read from its children list are its children until it is killed, last.
+        """
+        if not child.exited():
+            child.signal(signal.SIGSTOP)
+            if not _wait_state(child.pid, "TtZ", timeout=5):
+                raise RuntimeError(f"the postmaster {child.pid} did not stop")
+            pids = _child_pids(child.pid)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            for pid in pids:  # dead children stay zombies until the postmaster dies
+                if not _wait_state(pid, "Z", timeout=10):
+                    raise RuntimeError(f"process {pid} of postmaster {child.pid} did not die")
+            child.signal(signal.SIGKILL)
+        child.kill_group()
+        child.reap()
+
+    def _remove_orphaned_shared_memory(self) -> None:
+        """Remove the System V shared memory segment a killed postmaster left behind.
+
+        A clean shutdown removes it, and so does the next start of a killed cluster; a killed
+        cluster that is not started again would leave it until the machine reboots. The segment
+        is named in the lock file the killed postmaster left, and removed only if that
+        postmaster created it and nothing is attached to it.
+        """
+        if self._data is None or self._child is None or self.is_running():
+            return
+        lock = self._data / "postmaster.pid"
+        try:
+            lines = lock.read_text().splitlines()
+        except FileNotFoundError:  # a clean shutdown
+            return
+        if len(lines) < 7 or lines[0].strip() != str(self._child.pid):
+            return
+        key_and_id = lines[6].split()  # line 7: the segment's key and id
+        try:
+            table = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            return
+        for row in table:
+            # key shmid perms size cpid lpid nattch ...
+            fields = row.split()
+            if (len(key_and_id) == 2 and fields[1] == key_and_id[1]
+                    and fields[4] == str(self._child.pid) and fields[6] == "0"):
+                with contextlib.suppress(FileNotFoundError):
+                    subprocess.run(["ipcrm", "-m", fields[1]], capture_output=True, timeout=10)
+
+
 # --- generic and Celery processes -----------------------------------------------------------------
 
 
@@ -1122,17 +1675,9 @@ class ManagedProcess(_RunsOneChild, _StartedInWith):
 
     def children(self) -> list[int]:
         """Return the PIDs of the process' direct children."""
-        if not self.is_running():
+        if self._child is None or not self.is_running():
             return []
-        pid = self.pid
-        task_files = list(Path(f"/proc/{pid}/task").glob("*/children"))
-        if task_files:
-            text = " ".join(path.read_text() for path in task_files)
-        else:  # kernels built without CONFIG_PROC_CHILDREN
-            text = subprocess.run(
-                ["ps", "--ppid", str(pid), "-o", "pid="], capture_output=True, text=True
-            ).stdout
-        return sorted(int(token) for token in text.split())
+        return _child_pids(self._child.pid)
 
 
 class CeleryProcess(ManagedProcess):

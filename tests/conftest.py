@@ -38,6 +38,11 @@ transport options, RedBeat's URL and options) and the Django settings (``REDIS_S
   database.
 - ``sentinel_worker(topology, concurrency=2, extra_args=(), env=None)`` and
   ``sentinel_beat(topology, extra_args=(), env=None)``: started processes using the topology.
+
+PostgreSQL. ``postgres_server`` (function scope) starts a ``PostgresServer`` of the test alone: a
+throwaway cluster on a free loopback port (``url``, ``connect()``), its log in ``tmp_path``, which
+the test may stop, kill, pause, restart or cut off (``terminate_backends()``). Nothing is pointed
+at it. It is skipped, with the reason, where the machine has no PostgreSQL server binaries.
 """
 
 from __future__ import annotations
@@ -59,10 +64,12 @@ from example_project.devservers import (
     LOOPBACK,
     REPO_ROOT,
     CeleryProcess,
+    PostgresServer,
     RedisServer,
     SentinelTopology,
     celery_app_using,
     database_url_for,
+    postgres_unavailable,
     stop_all,
 )
 from reliable_tasks.publisher import close_publisher
@@ -145,6 +152,19 @@ def shared_redis(redis_session_server: RedisServer) -> Iterator[RedisServer]:
     redis_session_server.flush()
     with _pointed_at(redis_session_server.url):
         yield redis_session_server
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_server(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A started PostgreSQL cluster of this test alone: it may stop, kill, pause or restart it."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresServer(base_dir=tmp_path / "postgres") as server:
+        yield server
 
 
 # --- Celery processes -----------------------------------------------------------------------------

@@ -1,11 +1,17 @@
-"""The dev servers and fixtures work against the real thing: redis-server and Celery processes."""
+"""The dev servers and fixtures work against the real thing: redis-server, PostgreSQL and Celery
+processes."""
 
 from __future__ import annotations
 
+import getpass
+import os
 import socket
+import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import dj_database_url
@@ -15,7 +21,18 @@ from django.conf import settings
 
 from example_project.celery import app as celery_app
 from example_project.demo.models import Execution
-from example_project.devservers import CeleryProcess, RedisServer, database_url_for
+from example_project.devservers import (
+    CeleryProcess,
+    PostgresServer,
+    RedisServer,
+    database_url_for,
+    postgres_unavailable,
+)
+
+try:
+    import psycopg
+except ImportError:  # the PostgreSQL tests are skipped: see postgres_unavailable()
+    psycopg = None
 
 
 def _process_exists(pid: int) -> bool:
@@ -120,6 +137,174 @@ def test_stop_leaves_no_process_and_no_temporary_directory() -> None:
     assert not _process_exists(pid)
     assert not data_dir.exists()
     assert not server.is_running()
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+_NO_POSTGRES = postgres_unavailable()
+needs_postgres = pytest.mark.skipif(_NO_POSTGRES is not None, reason=_NO_POSTGRES or "")
+
+
+def _process_running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def shared_postgres() -> Iterator[PostgresServer]:
+    """One cluster for the tests of this module that leave it running and answering."""
+    if _NO_POSTGRES is not None:
+        pytest.skip(_NO_POSTGRES)
+    with PostgresServer(fsync=False) as server:
+        yield server
+
+
+@needs_postgres
+def test_postgres_server_answers_on_loopback_and_its_pid_is_the_postmaster(
+    shared_postgres: PostgresServer,
+) -> None:
+    server = shared_postgres
+    assert server.url == f"postgres://postgres@127.0.0.1:{server.port}/reliable_tasks"
+    assert server.port != 5432
+    with server.connect() as conn:
+        assert conn.execute("SELECT current_database(), 1 + 1").fetchone() == ("reliable_tasks", 2)
+        assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)
+        assert conn.execute("SHOW unix_socket_directories").fetchone() == ("",)
+    pid = server.pid
+    assert pid is not None
+    assert (server.data_dir / "postmaster.pid").read_text().split()[0] == str(pid)
+    ps = subprocess.run(["ps", "-o", "user=,args=", "-p", str(pid)],
+                        capture_output=True, text=True, check=True).stdout.split()
+    assert ps[1:3] == [str(server.bin_dir / "postgres"), "-D"]
+    assert ps[0] == (server.user or getpass.getuser())
+    if os.geteuid() == 0:
+        assert server.user == "postgres"
+
+
+@needs_postgres
+def test_postgres_restart_keeps_the_data_and_the_port(postgres_server: PostgresServer) -> None:
+    with postgres_server.connect() as conn:
+        conn.execute("CREATE TABLE kept (value text)")
+        conn.execute("INSERT INTO kept VALUES ('before')")
+    port = postgres_server.port
+
+    for mode in ("fast", "immediate"):
+        pid = postgres_server.pid
+        postgres_server.restart(mode)
+        assert postgres_server.port == port
+        assert postgres_server.pid != pid
+        assert pid is not None and not _process_running(pid)
+        with postgres_server.connect() as conn:
+            assert conn.execute("SELECT value FROM kept").fetchall() == [("before",)], mode
+
+
+@needs_postgres
+def test_postgres_kill_leaves_no_process_and_start_recovers_committed_data(
+    postgres_server: PostgresServer, tmp_path: Path
+) -> None:
+    assert postgres_server.log_path.parent == tmp_path / "postgres"
+    conn = postgres_server.connect()
+    conn.execute("CREATE TABLE kept (value text)")
+    conn.execute("INSERT INTO kept VALUES ('committed')")
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    port, pids = postgres_server.port, [postgres_server.pid, *postgres_server.children()]
+    assert row[0] in pids and len(pids) >= 4  # the backend and the auxiliary processes
+
+    postgres_server.kill()
+
+    assert not postgres_server.is_running()
+    assert not any(_process_running(pid) for pid in pids if pid is not None)
+    assert _refuses_connections(port)
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
+
+    postgres_server.start()
+    assert postgres_server.port == port
+    assert "automatic recovery in progress" in postgres_server.log_text()
+    with postgres_server.connect() as conn:
+        assert conn.execute("SELECT value FROM kept").fetchall() == [("committed",)]
+
+
+@needs_postgres
+def test_terminate_backends_breaks_the_open_connections(shared_postgres: PostgresServer) -> None:
+    with shared_postgres.connect() as victim:
+        victim.execute("SELECT 1")
+
+        assert shared_postgres.terminate_backends() >= 1
+
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("SELECT 1")
+    with shared_postgres.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@needs_postgres
+def test_pause_hangs_postgres_until_resume(postgres_server: PostgresServer) -> None:
+    results: list[Any] = []
+    with postgres_server.connect() as open_conn:
+        postgres_server.pause()
+        query = threading.Thread(
+            target=lambda: results.append(open_conn.execute("SELECT 42").fetchone()), daemon=True
+        )
+        query.start()
+        query.join(timeout=0.5)
+        assert query.is_alive() and results == []
+        with pytest.raises(psycopg.OperationalError):
+            postgres_server.connect(connect_timeout=1)
+
+        postgres_server.resume()
+
+        query.join(timeout=10)
+        assert results == [(42,)]
+    with postgres_server.connect() as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+@needs_postgres
+def test_postgres_stop_frees_the_port_and_removes_its_directory() -> None:
+    server = PostgresServer(fsync=False).start()
+    port, base_dir, data_dir = server.port, server.base_dir, server.data_dir
+    pids = [server.pid, *server.children()]
+    assert data_dir.is_dir()
+
+    server.stop()
+
+    assert not server.is_running()
+    assert not any(_process_running(pid) for pid in pids if pid is not None)
+    assert _refuses_connections(port)
+    assert not base_dir.exists()
+    assert not data_dir.exists()
+
+
+@needs_postgres
+def test_postgres_stop_after_kill_removes_the_shared_memory_it_left() -> None:
+    server = PostgresServer(fsync=False).start()
+    server.kill()
+    shmid = (server.data_dir / "postmaster.pid").read_text().splitlines()[6].split()[1]
+
+    def segment_ids() -> list[str]:
+        rows = Path("/proc/sysvipc/shm").read_text().splitlines()[1:]
+        return [row.split()[1] for row in rows]
+
+    assert shmid in segment_ids()  # a killed postmaster cannot remove it
+
+    server.stop()
+
+    assert shmid not in segment_ids()
 
 
 # --- database URLs --------------------------------------------------------------------------------
