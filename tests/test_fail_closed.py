@@ -147,7 +147,7 @@ def test_within_gives_up_after_its_time_and_raises_the_error():
     assert time.monotonic() - started < 3
 
 
-# --- the claim --------------------------------------------------------------------------------------
+# --- the claim ---------------------------------------------------------------------------------
 
 
 def test_a_claim_tried_again_with_its_token_finds_its_own_win(shared_redis):
@@ -179,7 +179,7 @@ def test_a_lease_is_the_database_s_time_plus_the_lease_timeout(shared_redis, set
     assert before + timedelta(seconds=29) < lease < database_now() + timedelta(seconds=31)
 
 
-# --- workers reconnect ------------------------------------------------------------------------------
+# --- workers reconnect -------------------------------------------------------------------------
 
 
 @needs_server
