@@ -1,7 +1,8 @@
 """Demo tasks: one succeeds, one fails a few times then succeeds, one always fails.
 
 ``record`` and ``plain_record`` write an ``Execution`` row per body run, so tests can count
-executions and duplicates in the database.
+executions and duplicates in the database. ``log_run`` and ``plain_log_run`` count them outside
+the database instead (one line per run appended to a file), for the scenarios that break it.
 """
 
 import os
@@ -89,6 +90,34 @@ def db_setting(self: ReliableTask, token: str, name: str) -> str:
 def plain_record(self, token: str) -> str:  # noqa: ANN001 - plain Celery task, no ReliableTask
     """The same as ``record`` but a plain Celery task: adopted into the ledger from signals."""
     Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    return token
+
+
+def append_run(path: str, task_id: str, token: str) -> None:
+    """Append ``<task_id> <token> <pid> <unix time>`` to the file at ``path``, atomically.
+
+    One ``os.write`` of one line on a descriptor opened with ``O_APPEND``: concurrent writers
+    (every pool process of every worker) never interleave or overwrite each other's lines.
+    """
+    line = f"{task_id} {token} {os.getpid()} {time.time():.6f}\n".encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.log_run")
+def log_run(self: ReliableTask, path: str, token: str) -> str:
+    """Log one run of the body to the file at ``path`` (the database is not touched)."""
+    append_run(path, self.request.id or "", token)
+    return token
+
+
+@shared_task(bind=True, name="demo.plain_log_run")
+def plain_log_run(self, path: str, token: str) -> str:  # noqa: ANN001 - plain Celery task
+    """``log_run`` as a plain Celery task; its result goes to django-celery-results."""
+    append_run(path, self.request.id or "", token)
     return token
 
 
