@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from example_project.devservers import REPO_ROOT
 from example_project.demo.models import Execution
+from example_project.devservers import REPO_ROOT
 from reliable_tasks import dispatch
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.states import TaskState
