@@ -12,28 +12,30 @@ Use it as ``beat_scheduler = "reliable_tasks.beat:ReliableRedBeatScheduler"`` (o
 - the lock lives ``4 x max_interval`` (20 s) and an idle beat wakes every ``max_interval`` (5 s):
   a restarted or standby beat dispatches again within about 21 s of the old one dying, and a
   saved schedule takes effect within 5 s;
-- a lost lock (another beat took it, or a failover lost the key) or an unreachable Redis is
-  logged plainly and waited out; it never crashes the beat;
+- a lost lock (another beat took it, or a failover lost the key), an unreachable Redis or a
+  database error is logged plainly and waited out; it never crashes the beat. Each tick checks
+  its database connections first, as Django's request cycle does, and a database error drops
+  them, so the next tick reconnects; a run it could not record stays due;
 - it notices a new RedBeat Redis (restarted empty, or failed over: a new run id) and restores
-  the app's entries from the database at once;
+  the app's entries from the database at once, until a restore succeeds;
 - it installs the sweeper's own entry (``reliable_tasks.sweep`` every ``SWEEP_INTERVAL``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from django.db import DatabaseError
+from django.db import DatabaseError, close_old_connections, transaction
 from redbeat.schedulers import RedBeatScheduler, get_redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from reliable_tasks import redbeat_store
-from reliable_tasks.broker_epoch import record_epoch
+from reliable_tasks.broker_epoch import record_epoch, stored_run_id
 from reliable_tasks.conf import app_settings
+from reliable_tasks.db_retry import drop_connections
 from reliable_tasks.outbox import publish_records
 from reliable_tasks.periodic import ScheduleGone, disable_one_off, record_runs
 from reliable_tasks.reconcile import reconcile_schedules
@@ -61,7 +63,8 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
                  lock_timeout: float | None = None, **kwargs: Any) -> None:
         self._ready = False
         self._standby_logged = False
-        self._redbeat_run_id = ""
+        #: The run id of the RedBeat Redis whose entries this beat restored (or found stored).
+        self._restored_run_id = ""
         super().__init__(app, lock_key=lock_key, lock_timeout=lock_timeout, **kwargs)
         configured = lock_timeout or app.redbeat_conf.lock_timeout
         self.lock_timeout = configured or self.max_interval * 4
@@ -110,43 +113,61 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
         return False
 
     def tick(self, min: Any = min, **kwargs: Any) -> float:  # noqa: A002 - Celery's signature
-        """One beat: hold the lock, run what is due, return seconds until the next tick."""
+        """One beat: hold the lock, run what is due, return seconds until the next tick.
+
+        The database connections are checked first, as Django's request cycle checks them
+        around a request, so a connection that the server dropped or that failed is replaced.
+        A Redis or database error ends the tick and is retried after ``standby_interval``; a
+        database error also drops the connections. Nothing is lost by it: an entry advances
+        only after its runs are recorded, a one-off is disabled with its run, and the run id of
+        a new RedBeat Redis is recorded only after its entries were restored.
+        """
         try:
+            close_old_connections()
             if not self._hold_lock():
                 return self.standby_interval
             if not self._ready:
                 self._setup_after_lock()
-            self._restore_after_redis_loss()
+            self._restore_after_redis_change()
             remaining = [self.maybe_due(entry, **self._maybe_due_kwargs)
-                         for entry in self.schedule.values()]
-        except (RedisConnectionError, RedisTimeoutError, RedisError) as exc:
+                         for entry in _schedules_last(self.schedule.values())]
+        except RedisError as exc:
             logger.warning("beat: Redis unavailable (%r); retrying in %ss", exc,
+                           self.standby_interval)
+            return self.standby_interval
+        except DatabaseError as exc:
+            drop_connections()
+            logger.warning("beat: database unavailable (%r); could not record what is due, it "
+                           "stays due; retrying in %ss on a new connection", exc,
                            self.standby_interval)
             return self.standby_interval
         return min([value for value in remaining if value] + [self.max_interval])
 
-    def _restore_after_redis_loss(self) -> None:
+    def _restore_after_redis_change(self) -> None:
         """A new RedBeat Redis (restarted empty, or failed over) may lack entries: restore them.
 
-        The run id last seen is kept in the database, so a beat restarted after the loss
-        notices it too.
+        The run id of the Redis whose entries were restored is kept in the database and
+        recorded only after the restore succeeded, so a restore that fails (Redis still
+        loading or read-only during a failover, the database down) is tried again on the next
+        tick, by this beat or by one started after it.
         """
         run_id = str(get_redis(self.app).info("server")["run_id"])
-        if run_id == self._redbeat_run_id:
+        if run_id == self._restored_run_id:
             return
-        try:
-            changed = record_epoch(REDBEAT_EPOCH, run_id, self.app.now()).changed
-        except DatabaseError as exc:
-            logger.warning("beat: could not check RedBeat's Redis epoch (%r)", exc)
-            return
-        self._redbeat_run_id = run_id
-        if changed:
-            logger.warning("beat: RedBeat's Redis changed (restart or failover); restoring the "
-                           "app's entries from the database")
+        stored = stored_run_id(REDBEAT_EPOCH)
+        if stored != run_id:
+            if stored is None:
+                logger.info("beat: first look at RedBeat's Redis; bringing the app's entries "
+                            "in line with the database")
+            else:
+                logger.warning("beat: RedBeat's Redis changed (restart or failover); restoring "
+                               "the app's entries from the database")
             self._setup_after_lock()
             plan = reconcile_schedules(dry_run=False)
+            record_epoch(REDBEAT_EPOCH, run_id, self.app.now())
             logger.info("beat: restored %d and updated %d entries", len(plan.create),
                         len(plan.update))
+        self._restored_run_id = run_id
 
     # -- periodic runs ---------------------------------------------------------------------
 
@@ -162,28 +183,42 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
                          missed_after=missed_after)
         if plan.advance_to is None:
             return self._seconds_until(plan.next_due, now)
+        one_off_done = spec.run_at is not None and plan.next_due is None
         try:
-            records = record_runs(spec.schedule_id, plan.to_run)
+            # A database error leaves the entry due (it is raised to ``tick``); a one-off is
+            # disabled in the same transaction as its run, so it is either both or neither.
+            with transaction.atomic():
+                records = record_runs(spec.schedule_id, plan.to_run)
+                if one_off_done:
+                    disable_one_off(spec.schedule_id)
         except ScheduleGone:
             logger.info("beat: schedule %s is gone or disabled; removing its entry %s",
                         spec.schedule_id, entry.name)
             redbeat_store.remove(self.app, [entry.name])
             return self.max_interval
-        except DatabaseError as exc:
-            logger.warning("beat: could not record %s in the ledger (%r); it stays due",
-                           entry.name, exc)
-            return self.standby_interval
-        redbeat_store.advance(self.app, entry.name, plan.advance_to,
-                              entry.total_run_count + len(plan.to_run), plan.next_due)
+        if one_off_done:
+            # The push after the commit removed its entry; if that push failed, the next tick
+            # finds the schedule disabled and removes it.
+            logger.info("beat: one-off schedule %s ran; disabled", spec.schedule_id)
+        else:
+            redbeat_store.advance(self.app, entry.name, plan.advance_to,
+                                  entry.total_run_count + len(plan.to_run), plan.next_due)
         if plan.skipped:
             logger.info("beat: %s skipped %d missed run(s) (catch_up=%s)", entry.name,
                         plan.skipped, spec.catch_up)
         publish_records(records)
-        if spec.run_at is not None and plan.next_due is None:
-            disable_one_off(spec.schedule_id)
         return self._seconds_until(plan.next_due, now)
 
     def _seconds_until(self, due: datetime | None, now: datetime) -> float:
         if due is None:
             return self.max_interval
         return max(min((due - now).total_seconds(), self.max_interval), 0.05)
+
+
+def _schedules_last(entries: Iterable[Any]) -> list[Any]:
+    """RedBeat's own entries (statics, the sweeper's) first, then the app's schedules.
+
+    A database error ends the tick at the first schedule it cannot record; the entries that
+    need no ledger row run before that, as they do without this app.
+    """
+    return sorted(entries, key=lambda entry: redbeat_store.schedule_id_of(entry.name) is not None)

@@ -40,6 +40,13 @@ def check_broker_epoch(now: datetime) -> EpochCheck:
     return record_epoch(EPOCH_NAME, run_id, now)
 
 
+def stored_run_id(name: str) -> str | None:
+    """The run id last recorded for ``name``, or None before the first; reads only."""
+    run_id: str | None = (BrokerEpoch.objects.filter(name=name)
+                          .values_list("run_id", flat=True).first())
+    return run_id
+
+
 def record_epoch(name: str, run_id: str, now: datetime) -> EpochCheck:
     """Remember ``run_id`` as the server behind ``name``; ``changed`` for one caller only."""
     known = BrokerEpoch.objects.filter(name=name).first()

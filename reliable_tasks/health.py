@@ -1,5 +1,6 @@
-"""What an operator needs first: is beat running, is RedBeat in line with the database, can Redis
-drop keys (or, behind Sentinel, published tasks), are workers alive, is anything stuck.
+"""What an operator needs first: is beat running and recording its runs, is RedBeat in line with
+the database, can Redis drop keys (or, behind Sentinel, published tasks), are workers alive, is
+anything stuck.
 
 ``report()`` gathers it into a ``HealthReport``. Each probe that fails (Redis down, a database
 error) becomes a ``Problem`` of the report, never an exception, so the admin page renders when
@@ -43,6 +44,12 @@ NAMES_SHOWN = 20
 DEAD_WORKERS_SHOWN = 20
 #: A worker that stopped beating without a clean shutdown is a problem for this long.
 RECENTLY_LOST = timedelta(hours=24)
+#: A schedule's run is overdue once RedBeat has had it due for this many seconds, measured on
+#: RedBeat's Redis clock. Beat wakes at least every 5 s, retries a failed tick after 1 s, and a
+#: dead beat's lock expires after 20 s, when a standby takes over and runs what is due at once:
+#: a run this late while a beat holds the lock means that beat is alive but cannot record it.
+#: It does not depend on ``MISSED_RUN_GRACE``, which decides what beat does with a late run.
+OVERDUE_AFTER = 60.0
 #: Broker URL schemes served by kombu's Redis transports.
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "sentinel", "redis+socket"})
 _URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
@@ -65,6 +72,25 @@ class BeatLock:
     held: bool
     #: Seconds left before the lock expires; None when it is not held or has no expiry.
     ttl_seconds: float | None
+
+
+@dataclass(frozen=True)
+class OverdueRuns:
+    """The app's RedBeat entries due more than ``OVERDUE_AFTER`` seconds ago."""
+
+    count: int
+    #: How late the oldest is, in seconds (0 when none is).
+    oldest_seconds: float
+    #: Entry names, the oldest first, at most ``NAMES_SHOWN``.
+    names: list[str]
+    #: The grace a run had before it counted (``OVERDUE_AFTER``).
+    after_seconds: float = OVERDUE_AFTER
+
+    def describe(self) -> str:
+        """What is overdue and what it means, for a report."""
+        return (f"{self.count} schedule run(s) are overdue, the oldest by "
+                f"{self.oldest_seconds:.0f} s: beat cannot record or advance them (can it reach "
+                f"the database, does RedBeat's Redis accept writes? Its log says which)")
 
 
 @dataclass(frozen=True)
@@ -118,6 +144,8 @@ class HealthReport:
 
     generated_at: datetime
     beat_lock: BeatLock | None = None
+    #: Runs overdue while a beat holds the lock (None: not checked, as no beat holds it).
+    overdue: OverdueRuns | None = None
     #: The last run of the sweeper's entry, which beat runs every ``SWEEP_INTERVAL``.
     last_beat_at: datetime | None = None
     drift: Drift | None = None
@@ -232,8 +260,23 @@ def _url(value: Any) -> str:
     return sanitize_url(str(value or ""))
 
 
+def overdue_runs(app: Any) -> OverdueRuns:
+    """The app's schedule runs that RedBeat has had due for more than ``OVERDUE_AFTER`` s.
+
+    Read only, on RedBeat's Redis and its clock. A beat that holds the lock advances an entry
+    as soon as it recorded the run, so an overdue entry while the lock is held is a beat that
+    keeps its lock but cannot record runs (a standby cannot take over).
+    """
+    now = redbeat_store.redis_now(app)
+    due = redbeat_store.entries_due_before(app, now - timedelta(seconds=OVERDUE_AFTER))
+    oldest = next(iter(due.values()), now)
+    return OverdueRuns(count=len(due), oldest_seconds=(now - oldest).total_seconds(),
+                       names=list(due)[:NAMES_SHOWN])
+
+
 def _check_beat(health: HealthReport, app: Any) -> None:
-    """RedBeat's lock (held? for how long?) and the sweeper entry's last run: beat's last tick."""
+    """RedBeat's lock (held? for how long?), the sweeper entry's last run (beat's last tick),
+    and, while the lock is held, runs that are overdue."""
     key = redbeat_store.lock_key(app)
     pttl = int(redbeat_store.client(app).pttl(key))
     health.beat_lock = BeatLock(key=key, held=pttl != -2,
@@ -249,6 +292,11 @@ def _check_beat(health: HealthReport, app: Any) -> None:
         health.add(WARNING, "beat", (
             f"RedBeat's lock ({key}) has no expiry: if its beat dies, no other beat can take "
             "over until the key is removed."))
+    if pttl != -2:
+        health.overdue = overdue_runs(app)
+        if health.overdue.count:
+            health.add(WARNING, "beat",
+                       f"Beat holds RedBeat's lock but {health.overdue.describe()}.")
     stale_after = 3 * app_settings.SWEEP_INTERVAL + 30
     if health.last_beat_at is None:
         if pttl != -2:

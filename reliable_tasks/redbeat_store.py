@@ -247,6 +247,26 @@ def owned_entry_names(app: Celery) -> list[str]:
     return sorted(names)
 
 
+def redis_now(app: Celery) -> datetime:
+    """The clock of RedBeat's Redis (``TIME``), the same for every host that asks."""
+    seconds, microseconds = client(app).time()
+    return datetime.fromtimestamp(seconds + microseconds / 1_000_000, tz=UTC)
+
+
+def entries_due_before(app: Celery, moment: datetime) -> dict[str, datetime]:
+    """The app's entries (by name) whose next run RedBeat has due before ``moment``, oldest first.
+
+    Reads RedBeat's schedule (a sorted set scored with each entry's due time); entries outside
+    the app's prefix are left out.
+    """
+    key_prefix = ensure_conf(app).key_prefix
+    owned = key_prefix + app_settings.ENTRY_PREFIX
+    members = client(app).zrangebyscore(_schedule_key(app), "-inf", f"({moment.timestamp()}",
+                                         withscores=True)
+    return {key[len(key_prefix):]: datetime.fromtimestamp(score, tz=UTC)
+            for key, score in members if key.startswith(owned)}
+
+
 def next_due(spec: ScheduleSpec, last_slot: datetime) -> datetime | None:
     """The first slot after ``last_slot``."""
     return spec.parsed_timing.next_after(last_slot)

@@ -249,6 +249,28 @@ def test_schedule_drift_is_degraded(healthy):
     assert report["checks"]["schedules"]["data"] == {"drifted": 1}
 
 
+def test_runs_overdue_while_a_beat_holds_the_lock_are_degraded(healthy):
+    name = redbeat_store.entry_name(7)
+    now = timezone.now()
+    redbeat_store.advance(celery_app, name, now - timedelta(hours=1), 1,
+                          now - timedelta(seconds=30))  # late, but within the grace
+
+    code, report = probe()
+
+    assert code == 0 and report["checks"]["beat"]["data"]["overdue_runs"] == 0
+    redbeat_store.advance(celery_app, name, now - timedelta(hours=1), 1,
+                          now - timedelta(seconds=120))
+
+    code, report = probe()
+
+    assert code == 1 and report["status"] == "degraded"
+    assert statuses(report)["beat"] == "warn"
+    beat = report["checks"]["beat"]
+    assert beat["data"]["overdue_runs"] == 1 and beat["data"]["oldest_overdue_seconds"] >= 120
+    assert beat["detail"].startswith("a beat holds the lock (expires in ")
+    assert "but 1 schedule run(s) are overdue, the oldest by 12" in beat["detail"]
+
+
 def test_no_live_worker_is_unhealthy(redis_server, settings):
     hold_beat_lock()
     settings.RELIABLE_TASKS_LEASE_TIMEOUT = 30

@@ -189,6 +189,55 @@ def test_a_stale_last_tick_and_a_lock_without_expiry_are_warnings(shared_redis):
     assert any("beat may be stuck or stopped" in text for text in beat)
 
 
+def overdue_problems(report: health.HealthReport) -> list[str]:
+    return [text for text in problems(report, "beat", health.WARNING) if "overdue" in text]
+
+
+def due_ago(name: str, seconds: float) -> None:
+    """Give the entry ``name`` a run RedBeat has had due for ``seconds``."""
+    now = timezone.now()
+    redbeat_store.advance(celery_app, name, now - timedelta(hours=1), 1,
+                          now - timedelta(seconds=seconds))
+
+
+@pytest.mark.django_db
+def test_runs_overdue_while_a_beat_holds_the_lock_are_a_warning(shared_redis):
+    client = shared_redis.client()
+    client.set("redbeat::lock", "token", px=15_000)
+    first, second = redbeat_store.entry_name(1), redbeat_store.entry_name(2)
+    due_ago(first, 30)  # late, but within the grace
+    client.zadd("redbeat::schedule", {"redbeat:someone-elses": time.time() - 3600})  # not ours
+
+    calm = health.report()
+
+    assert calm.overdue == health.OverdueRuns(count=0, oldest_seconds=0.0, names=[])
+    assert overdue_problems(calm) == []
+    due_ago(first, 300)
+    due_ago(second, 120)
+
+    late = health.report()
+
+    assert late.overdue is not None
+    assert late.overdue.count == 2 and late.overdue.names == [first, second]
+    assert 299 < late.overdue.oldest_seconds < 310
+    [warning] = overdue_problems(late)
+    assert warning.startswith(
+        "Beat holds RedBeat's lock but 2 schedule run(s) are overdue, the oldest by 30")
+    assert "beat cannot record or advance them" in warning
+    assert late.as_dict()["overdue"]["count"] == 2
+
+
+@pytest.mark.django_db
+def test_overdue_runs_are_not_checked_while_no_beat_holds_the_lock(shared_redis):
+    due_ago(redbeat_store.entry_name(1), 300)
+
+    report = health.report()
+
+    assert report.overdue is None and overdue_problems(report) == []
+    assert any("No beat holds RedBeat's lock" in text
+               for text in problems(report, "beat", health.ERROR))
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.slow
 def test_a_real_beat_holds_the_lock_and_ticks(redis_server, celery_beat):
@@ -503,6 +552,20 @@ def test_the_page_shows_the_memory_warning_counts_and_chart(redis_server, root):
     assert '<span data-count-of="FAILURE">1</span>' in html
     assert f'href="{LEDGER}?state__exact=FAILURE"' in html
     assert "<rect " in html and "<title>" in html
+
+
+@pytest.mark.django_db
+def test_the_page_lists_the_overdue_runs(shared_redis, root):
+    shared_redis.client().set("redbeat::lock", "token", px=15_000)
+    name = redbeat_store.entry_name(3)
+    due_ago(name, 120)
+
+    html = root.get(HEALTH).content.decode()
+
+    assert 'data-severity="warning" data-topic="beat"' in html
+    row = html[html.index('id="rt-overdue"'):]
+    row = row[:row.index("</tr>")]
+    assert "1 run overdue, by 12" in row and f"<code>{name}</code>" in row
 
 
 @pytest.mark.django_db

@@ -7,13 +7,16 @@ Checks (``--skip NAME`` leaves one out, e.g. the workers in a web container's pr
 
 - ``database``: a ``SELECT 1`` on the default database;
 - ``broker``: ``PING`` to the broker's Redis, bounded by ``--timeout``;
-- ``beat``: someone holds RedBeat's lock (``EXISTS``/``PTTL`` of its key), bounded too;
+- ``beat``: someone holds RedBeat's lock (``EXISTS``/``PTTL`` of its key), and no run of the
+  app's schedules is overdue by more than ``reliable_tasks.health.OVERDUE_AFTER`` (60 s) while it
+  does (RedBeat's schedule, on its Redis clock): a beat that keeps the lock but cannot record its
+  runs (its database is down) is degraded; bounded by ``--timeout`` too;
 - ``schedules``: no schedule drifted from RedBeat (``synced_revision < revision``);
 - ``workers``: at least ``--min-workers`` workers with a fresh heartbeat;
 - ``pending``: the oldest publishable PENDING task waits less than ``--max-pending-age``.
 
-A failed database or broker fails (unhealthy); drift and a slow outbox are ``warn``
-(degraded: the sweeper and ``reconcile_tasks`` repair them, but someone should look). Checks
+A failed database or broker, or no beat, fails (unhealthy); drift, a slow outbox and overdue
+runs are ``warn`` (degraded: someone should look; beat's log says why it cannot record). Checks
 that need the database are ``unknown`` when it is down.
 """
 
@@ -33,6 +36,7 @@ from django.utils import timezone
 
 from reliable_tasks import redbeat_store
 from reliable_tasks.celery_app import get_celery_app
+from reliable_tasks.health import OverdueRuns, overdue_runs
 from reliable_tasks.management.commands.prune_tasks import parse_duration
 from reliable_tasks.metrics import broker_redis, drifted_schedules, live_workers, oldest_pending_age
 
@@ -215,27 +219,34 @@ class Command(BaseCommand):
         return Result(OK, "reachable")
 
     def check_beat(self) -> Result:
-        """Someone holds RedBeat's lock: a beat is running (its token is never shown)."""
+        """Someone holds RedBeat's lock, and records the runs that are due (the lock's token is
+        never shown)."""
         if _lock_disabled(self.app):
             return Result(OK, "RedBeat runs without a lock (redbeat_lock_key = None)")
         key = redbeat_store.lock_key(self.app)
 
-        def read() -> tuple[int, int]:
+        def read() -> tuple[int, OverdueRuns | None]:
+            """The lock's PTTL, and the overdue runs while it is held (else None)."""
             client = redbeat_store.client(self.app)
-            return int(client.exists(key)), int(client.pttl(key))
+            exists, pttl = int(client.exists(key)), int(client.pttl(key))
+            return pttl, overdue_runs(self.app) if exists else None
 
         try:
-            exists, pttl = within(self.timeout, read)
+            pttl, overdue = within(self.timeout, read)
         except Exception as exc:  # noqa: BLE001 - RedBeat's Redis did not answer
             return Result(FAIL, f"RedBeat's Redis did not answer: {_error(exc)}",
                           {"lock_key": key})
-        if not exists:
+        if overdue is None:
             return Result(FAIL, f"no beat holds RedBeat's lock ({key}): periodic schedules "
                                 f"and the sweeper's entry do not run", {"lock_key": key})
         ttl = pttl / 1000 if pttl >= 0 else None
-        return Result(OK, f"a beat holds the lock (expires in {ttl:g}s)" if ttl is not None
-                      else "a beat holds the lock (no expiry)",
-                      {"lock_key": key, "ttl_seconds": ttl})
+        held = (f"a beat holds the lock (expires in {ttl:g}s)" if ttl is not None
+                else "a beat holds the lock (no expiry)")
+        data = {"lock_key": key, "ttl_seconds": ttl, "overdue_runs": overdue.count,
+                "oldest_overdue_seconds": overdue.oldest_seconds}
+        if overdue.count:
+            return Result(WARN, f"{held} but {overdue.describe()}", data)
+        return Result(OK, held, data)
 
     def check_schedules(self) -> Result:
         """No schedule revision waits for its push to RedBeat."""
