@@ -1683,8 +1683,9 @@ class ManagedProcess(_RunsOneChild, _StartedInWith):
 class CeleryProcess(ManagedProcess):
     """``celery -A example_project worker`` or ``beat`` as a subprocess.
 
-    A worker runs the prefork pool under a unique hostname, without gossip and mingle; beat
-    keeps its local schedule file in the log directory and takes its scheduler from settings.
+    A worker runs the prefork pool (or the ``--pool`` of ``extra_args``) under a unique
+    hostname, without gossip and mingle; beat keeps its local schedule file in the log directory
+    and takes its scheduler from settings.
     """
 
     def __init__(
@@ -1705,7 +1706,11 @@ class CeleryProcess(ManagedProcess):
         self.hostname = f"{name}@%h" if kind == "worker" else None
         argv = [sys.executable, "-m", "celery", "-A", app, kind, "--loglevel=INFO"]
         if kind == "worker":
-            argv += ["--pool=prefork", f"--concurrency={concurrency}"]
+            # Celery patches gevent and eventlet in before it parses its arguments, from the
+            # first --pool it sees: a pool in extra_args replaces prefork here.
+            if not any(arg.startswith(("--pool", "-P")) for arg in extra_args):
+                argv.append("--pool=prefork")
+            argv.append(f"--concurrency={concurrency}")
             argv += [f"--hostname={self.hostname}", "--without-gossip", "--without-mingle"]
             ready_pattern = rf"{re.escape(name)}@\S+ ready\."
         else:

@@ -8,12 +8,14 @@ runs out and the sweeper recovers it.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
-import threading
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import timedelta
+from typing import Any
 
 from django.db import DatabaseError, close_old_connections, connections
 from django.utils import timezone
@@ -59,31 +61,60 @@ def mark_stopped(hostname: str) -> None:
         stopped_at=timezone.now(), running=0)
 
 
-class HeartbeatThread(threading.Thread):
+def _native_thread_primitives() -> tuple[Callable[..., object], Callable[[], Any]]:
+    """``_thread.start_new_thread`` and ``allocate_lock`` as the OS provides them.
+
+    Under the gevent and eventlet pools the ``threading`` module is patched into greenlets,
+    which a CPU-bound task starves: its lease would run out while it runs. Their originals
+    start a real thread, and give a lock whose timed wait is a real one.
+    """
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("threading"):
+        start, lock = gevent_monkey.get_original("_thread",
+                                                 ["start_new_thread", "allocate_lock"])
+        return start, lock
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("thread"):
+        original = eventlet_patcher.original("_thread")
+        return original.start_new_thread, original.allocate_lock
+    return _thread.start_new_thread, _thread.allocate_lock
+
+
+class HeartbeatThread:
     """Calls ``beat()`` every ``HEARTBEAT_INTERVAL`` until stopped, in an OS thread of its own.
 
-    It also stores the ledger writes the worker's main process could not (``defer()``): each
-    is tried again at every beat until the database takes it. Its connection is checked before
-    every beat (``close_old_connections``) and dropped after an error, so a restarted database
-    is reconnected at the next beat.
+    A real thread under every pool (prefork, threads, solo, gevent, eventlet), so that no task
+    can starve it. It also stores the ledger writes the worker's main process could not
+    (``defer()``): each is tried again at every beat until the database takes it. Its
+    connection is checked before every beat (``close_old_connections``) and dropped after an
+    error, so a restarted database is reconnected at the next beat.
     """
 
     def __init__(self, hostname: str, running_ids: Callable[[], Iterable[str]]) -> None:
-        super().__init__(name=f"reliable-tasks-heartbeat-{hostname}", daemon=True)
         self.hostname = hostname
         self.running_ids = running_ids
-        self._stopping = threading.Event()
+        self._start_thread, allocate_lock = _native_thread_primitives()
+        self._running = allocate_lock()  # held while the thread should go on
+        self._finished = allocate_lock()  # held until the thread has ended
         self._deferred: deque[Callable[[], object]] = deque()
+
+    def start(self) -> None:
+        """Start beating in a new OS thread."""
+        self._running.acquire()
+        self._finished.acquire()
+        self._start_thread(self.run, ())
 
     def defer(self, write: Callable[[], object]) -> None:
         """Store ``write`` at the next beat, and at every beat after until it succeeds."""
         self._deferred.append(write)
 
     def run(self) -> None:
+        """Beat until stopped, then record the clean stop (the thread's body)."""
         try:
-            while not self._stopping.is_set():
+            while True:
                 self._beat_once()
-                self._stopping.wait(app_settings.HEARTBEAT_INTERVAL)
+                if self._running.acquire(timeout=app_settings.HEARTBEAT_INTERVAL):
+                    break  # stop() released it
             db_retry.within(lambda: mark_stopped(self.hostname), app_settings.HEARTBEAT_INTERVAL,
                             what="worker heartbeat: recording the stop")
         except db_retry.TRANSIENT_ERRORS:
@@ -91,6 +122,7 @@ class HeartbeatThread(threading.Thread):
             logger.warning("worker heartbeat: recording the stop failed", exc_info=True)
         finally:
             connections.close_all()
+            self._finished.release()
 
     def _beat_once(self) -> None:
         try:
@@ -112,5 +144,6 @@ class HeartbeatThread(threading.Thread):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop beating, record the clean stop and wait for the thread to end."""
-        self._stopping.set()
-        self.join(timeout)
+        self._running.release()
+        if self._finished.acquire(timeout=timeout):
+            self._finished.release()

@@ -134,3 +134,17 @@ def plain_noop() -> None:
 @shared_task(name="demo.plain_noop_result")
 def plain_noop_result() -> None:
     """Do nothing, as a plain Celery task whose result django-celery-results stores."""
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.spin_record", retry_on_lost=True)
+def spin_record(self: ReliableTask, token: str, seconds: float) -> str:
+    """Keep the CPU busy for ``seconds`` without yielding, then log one execution.
+
+    Under the gevent and eventlet pools nothing else of the process runs meanwhile, except in
+    another OS thread: what the heartbeat needs to hold the lease.
+    """
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    return token
