@@ -36,7 +36,12 @@ reliable_tasks, every ledger row of the scenario has finished, and counts:
 - **probe**: exit status of ``manage.py check_tasks_health`` (a subprocess with the same
   environment) before the fault, during the outage (the database refuses connections) and once
   everything settled after it;
-- **recovery s**: from the end of the fault until every task accepted before then had run.
+- **recovery s**: from the end of the fault until work caught up: every task accepted before
+  it, the first one accepted after it and every periodic slot due before it had run.
+
+Beat's schedule is watched for at least ``observe_seconds`` after the fault before beat is
+stopped, so that a beat that never records again after the database came back shows as missed
+slots.
 
 Scenarios (``SCENARIOS``):
 
@@ -162,12 +167,13 @@ class DbScale:
     idle_cycles: int
     settle_seconds: float
     quiet_seconds: float
+    observe_seconds: float
 
 
 DEFAULT_SCALE = DbScale(name="default", tasks=200, rate=20, down_seconds=8, terminate_seconds=5,
-                        idle_cycles=4, settle_seconds=60, quiet_seconds=15)
+                        idle_cycles=4, settle_seconds=60, quiet_seconds=15, observe_seconds=5)
 FULL_SCALE = DbScale(name="full", tasks=1000, rate=50, down_seconds=30, terminate_seconds=10,
-                     idle_cycles=10, settle_seconds=180, quiet_seconds=20)
+                     idle_cycles=10, settle_seconds=180, quiet_seconds=20, observe_seconds=10)
 SCALES = {scale.name: scale for scale in (DEFAULT_SCALE, FULL_SCALE)}
 
 
@@ -365,12 +371,14 @@ class Producer(threading.Thread):
 
 
 def _where(exc: BaseException) -> str:
-    """``Type in function``: the innermost function of reliable_tasks the error came through."""
-    where = ""
+    """``Type in f > g``: the functions of reliable_tasks the error came through, outermost first.
+    """
+    path: list[str] = []
     for frame, _line in traceback.walk_tb(exc.__traceback__):
-        if f"{os.sep}reliable_tasks{os.sep}" in frame.f_code.co_filename:
-            where = frame.f_code.co_name
-    return f"{type(exc).__name__} in {where}" if where else type(exc).__name__
+        name = frame.f_code.co_name
+        if f"{os.sep}reliable_tasks{os.sep}" in frame.f_code.co_filename and name not in path:
+            path.append(name)
+    return f"{type(exc).__name__} in {' > '.join(path)}" if path else type(exc).__name__
 
 
 def sender(variant: Variant, runs_path: Path) -> Callable[[str], str]:
@@ -587,6 +595,8 @@ class ScenarioRun:
                 producer = self.flow()
             self.settle(producer)
             self.outcome.probe_after = probe()
+            if self.fault_over_at is not None:  # beat's slots are watched for a while after it
+                time.sleep(max(self.fault_over_at + self.scale.observe_seconds - time.time(), 0))
             until = self.stop_beat()
             time.sleep(2.0)  # the last periodic runs finish
             self.count(producer, until)
@@ -895,27 +905,40 @@ class ScenarioRun:
         return rows
 
     def _count_plain_slots(self, runs: Runs, until: float) -> None:
-        """Plain RedBeat keeps no record of its slots: infer them from the runs' times.
+        """Plain RedBeat keeps no record of its slots: read its sends from beat's log.
 
-        Two runs less than half an interval apart are one slot run twice; a gap of ``n``
-        intervals misses ``n - 1`` slots.
+        Two sends less than half an interval apart are one slot sent twice; a gap of ``n``
+        intervals misses ``n - 1`` slots; a send whose task never ran is a slot not run.
         """
         outcome = self.outcome
         end = until - SCHEDULE_INTERVAL
-        times = sorted(first for first in (min(ts) for ts in
-                                           runs.of_token(BEAT_TOKEN).values())
-                       if first <= end)
-        if not times:
-            outcome.notes.append("beat ran nothing")
+        every_send = self._beat_sends()
+        sends = [at for at in every_send if at <= end]
+        if not sends:
+            outcome.notes.append("beat sent nothing")
             return
-        doubled = sum(1 for earlier, later in zip(times, times[1:], strict=False)
-                      if later - earlier < SCHEDULE_INTERVAL / 2)
-        outcome.slots = len(times) - doubled
-        outcome.slots_doubled = doubled
-        gaps = [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
-        outcome.slots_missed = sum(max(round(gap / SCHEDULE_INTERVAL) - 1, 0) for gap in gaps)
-        outcome.slots_missed += max(int((end - times[-1]) // SCHEDULE_INTERVAL), 0)
-        outcome.notes.append("plain slots inferred from the runs' times")
+        pairs = list(zip(sends, sends[1:], strict=False))
+        outcome.slots_doubled = sum(1 for earlier, later in pairs
+                                    if later - earlier < SCHEDULE_INTERVAL / 2)
+        outcome.slots = len(sends) - outcome.slots_doubled
+        outcome.slots_missed = sum(max(round((later - earlier) / SCHEDULE_INTERVAL) - 1, 0)
+                                   for earlier, later in pairs)
+        outcome.slots_missed += max(int((end - sends[-1]) // SCHEDULE_INTERVAL), 0)
+        outcome.slots_not_run = max(len(every_send) - len(runs.of_token(BEAT_TOKEN)), 0)
+        outcome.slots_doubled += sum(1 for times in runs.of_token(BEAT_TOKEN).values()
+                                     if len(times) > 1)
+        outcome.notes.append("plain slots read from beat's log")
+
+    def _beat_sends(self) -> list[float]:
+        """When plain beat sent the schedule's task, from its log (local time, as logged)."""
+        assert self.beat is not None
+        marker = "Sending due task db faults: every second"
+        sends = []
+        for line in self.beat.log_text().splitlines():
+            if marker in line and line.startswith("["):
+                stamp = line[1:line.index(":", 20)]  # "[2026-12-03 12:37:47,169: INFO..."
+                sends.append(datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp())
+        return sorted(sends)
 
     def log_problems(self) -> dict[str, int]:
         """Lines in the workers' and beat's logs worth a look, counted by kind."""
@@ -925,7 +948,7 @@ class ScenarioRun:
             "ERROR/": "errors",
             "did not take the claim": "claims deferred",
             "retrying until it is stored": "outcome writes waiting",
-            "could not record": "beat could not record",
+            "could not record": "ticks that recorded nothing (it stays due)",
             "worker heartbeat failed": "heartbeats failed",
         }
         counted: Counter[str] = Counter()

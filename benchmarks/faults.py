@@ -1,10 +1,12 @@
-"""``make faults``: every fault scenario, plain Celery and reliable_tasks side by side, one table.
+"""``make faults``: every fault scenario, plain Celery and reliable_tasks side by side, two tables.
 
 Runs the scenarios of ``benchmarks.fault_scenarios`` (the ones ``tests/faults`` asserts on) at
 full scale by default, each variant against its own fresh Sentinel topology (a master, a replica
-and three sentinels) or ``redis-server``, with real workers and beats of the example project:
+and three sentinels) or ``redis-server``, with real workers and beats of the example project;
+then the database scenarios of ``benchmarks.db_fault_scenarios`` (``benchmarks.db_faults``),
+each variant in a process of its own with its own PostgreSQL cluster and Redis:
 
-    .venv/bin/python -m benchmarks.faults [--scale default] [--only kill hang ...]
+    .venv/bin/python -m benchmarks.faults [--scale default] [--only kill hang5 pg_down ...]
 
 What it needs: a database, ``DATABASE_URL`` if set, else the PostgreSQL database
 ``reliable_tasks_faults`` on 127.0.0.1:5432 (created if missing). Its ledger, schedules and
@@ -12,9 +14,13 @@ demo tables are emptied before every run: never point it at data you want to kee
 servers are started on free loopback ports and stopped by PID; the machine's own Redis is never
 used (``REDIS_URL`` points at a loopback port that refuses connections).
 
-Progress goes to stderr, the table to stdout. The exit status is 1 when reliable_tasks raised,
-lost or ran twice anything (a retry_on_lost task killed mid-body may run twice: reported, not
-failed), else 0.
+The database scenarios need PostgreSQL's server binaries (they are skipped, saying why, where
+there are none) and never touch ``DATABASE_URL``'s database.
+
+Progress goes to stderr, the tables to stdout. The exit status is 1 when reliable_tasks raised,
+lost or ran twice anything in a Redis scenario (a retry_on_lost task killed mid-body may run
+twice: reported, not failed), or broke a promise in a database scenario
+(``benchmarks.db_faults.problems_of``), else 0.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from benchmarks import db_faults
 from benchmarks.common import ensure_postgres_database, log
 from benchmarks.fault_scenarios import (
     Broker,
@@ -55,6 +62,7 @@ from example_project.devservers import (
     RedisServer,
     SentinelTopology,
     celery_app_using,
+    postgres_unavailable,
 )
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/reliable_tasks_faults"
@@ -300,24 +308,12 @@ def problems_of(outcomes: Sequence[Outcome]) -> list[str]:
     return problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the scenarios and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", choices=("full", "default"), default="full",
-                        help="full (the default here) or the test suite's default scale")
-    parser.add_argument("--only", nargs="*", default=None, metavar="KEY",
-                        help="run only these scenarios: kill, hang5, hang30, outage, worker, "
-                             "beat, reconcile")
-    args = parser.parse_args(argv)
-    os.environ["FAULTS_SCALE"] = args.scale
-    scale = scale_from_env()
-    work_dir = Path(tempfile.mkdtemp(prefix="rt-faults-"))
+def redis_table(runs: Sequence[Run], scale: Scale, work_dir: Path) -> list[str]:
+    """Run the Redis scenarios, print their table; return reliable_tasks' problems."""
     outcomes: list[Outcome] = []
     started = time.monotonic()
     with faults_environment() as database_url:
-        for run in runs_for(scale):
-            if args.only and run.key not in args.only:
-                continue
+        for run in runs:
             for variant in run.variants:
                 log(f"{run.key} [{variant}] ...")
                 outcome = run_one(run, variant, scale, database_url, work_dir)
@@ -326,7 +322,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     minutes = (time.monotonic() - started) / 60
     print_table(outcomes, f"Fault scenarios at {scale.name} scale ({minutes:.0f} min); "
                           f"plain Celery = apply_async of demo.plain_record, adoption off")
-    problems = problems_of(outcomes)
+    return problems_of(outcomes)
+
+
+def database_table(scenarios: Sequence[str], scale_name: str, work_dir: Path) -> list[str]:
+    """Run the database scenarios (each in a process of its own), print their table; return
+    reliable_tasks' problems. Skipped, saying why, where PostgreSQL cannot run."""
+    reason = postgres_unavailable()
+    if reason is not None:
+        print(f"Database fault scenarios skipped: {reason}")
+        return []
+    started = time.monotonic()
+    outcomes = db_faults.run_all(scenarios, db_faults.VARIANTS, scale_name, work_dir)
+    return db_faults.report(outcomes, scale_name, (time.monotonic() - started) / 60)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scenarios and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=("full", "default"), default="full",
+                        help="full (the default here) or the test suite's default scale")
+    parser.add_argument("--only", nargs="*", default=None, metavar="KEY",
+                        help="run only these scenarios: kill, hang5, hang30, outage, worker, "
+                             f"beat, reconcile, {', '.join(db_faults.SCENARIOS)}")
+    args = parser.parse_args(argv)
+    os.environ["FAULTS_SCALE"] = args.scale
+    scale = scale_from_env()
+    redis_runs = runs_for(scale)
+    known = {run.key for run in redis_runs} | set(db_faults.SCENARIOS)
+    unknown = set(args.only or ()) - known
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(sorted(unknown))} at {scale.name} scale")
+    redis_runs = [run for run in redis_runs if not args.only or run.key in args.only]
+    db_scenarios = [name for name in db_faults.SCENARIOS if not args.only or name in args.only]
+    work_dir = Path(tempfile.mkdtemp(prefix="rt-faults-"))
+    problems = redis_table(redis_runs, scale, work_dir) if redis_runs else []
+    if redis_runs and db_scenarios:
+        print()
+    if db_scenarios:
+        problems += database_table(db_scenarios, scale.name, work_dir / "database")
     if problems:
         print(f"\n{len(problems)} problem(s); logs kept in {work_dir}:")
         for problem in problems:
