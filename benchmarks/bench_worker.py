@@ -16,7 +16,12 @@ hash means every write is done. Variants, interleaved in rounds, medians reporte
 
 The worker logs at INFO (two lines per task), as ``CeleryProcess`` runs it, in every variant.
 
-Run: ``.venv/bin/python -m benchmarks.bench_worker [--rounds 3] [--tasks 5000]``.
+``--compare-with REV`` adds ``ledger@REV``: the ``ledger`` variant with the worker's code taken
+from git revision ``REV`` of this repository (``git archive``), so a change to the worker side
+is measured before and after in the same run, on the same machine.
+
+Run: ``.venv/bin/python -m benchmarks.bench_worker [--rounds 3] [--tasks 5000]
+[--compare-with REV]``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +49,7 @@ from benchmarks.common import (
     rotated,
     rows_against,
 )
-from example_project.devservers import CeleryProcess
+from example_project.devservers import REPO_ROOT, CeleryProcess
 
 TASKS = 5000
 CONCURRENCY = 2
@@ -237,11 +243,30 @@ def run_once(env: BenchEnvironment, variant: WorkerVariant, n: int, log_dir: Pat
     return done_at - ready_at
 
 
-def run(env: BenchEnvironment, rounds: int = 3, tasks: int = TASKS) -> list[Row]:
-    """Time every variant ``rounds`` times, interleaved; return the rows of the table."""
+def checkout(revision: str, into: Path) -> Path:
+    """The files of git ``revision`` of this repository, unpacked in ``into``; return it."""
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", revision],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def ledger_at(revision: str, tree: Path) -> WorkerVariant:
+    """The ``ledger`` variant, its worker running the code of ``revision`` unpacked in ``tree``."""
+    return WorkerVariant(f"ledger@{revision}", f"noop, ledger, worker code of {revision}",
+                         enqueue_reliable, {"RELIABLE_TASKS_ADOPT": "1", "PYTHONPATH": str(tree)},
+                         expect_ledger_success)
+
+
+def run(env: BenchEnvironment, rounds: int = 3, tasks: int = TASKS,
+        variants: Sequence[WorkerVariant] = VARIANTS) -> list[Row]:
+    """Time every variant ``rounds`` times, interleaved; return the rows of the table.
+
+    The first variant is the baseline of the others' ratios.
+    """
     log_dir = Path(tempfile.mkdtemp(prefix="rt-bench-worker-"))
-    seconds: dict[str, list[float]] = {variant.key: [] for variant in VARIANTS}
-    by_key = {variant.key: variant for variant in VARIANTS}
+    seconds: dict[str, list[float]] = {variant.key: [] for variant in variants}
+    by_key = {variant.key: variant for variant in variants}
     try:
         for round_index in range(rounds):
             for key in rotated(list(by_key), round_index):
@@ -258,7 +283,7 @@ def run(env: BenchEnvironment, rounds: int = 3, tasks: int = TASKS) -> list[Row]
     measured = [
         Row(scenario=scenario, variant=variant.label, seconds=seconds[variant.key], tasks=tasks,
             goal=variant.goal)
-        for variant in VARIANTS
+        for variant in variants
     ]
     return rows_against(measured[0], measured[1:])
 
@@ -268,9 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="timed runs per variant")
     parser.add_argument("--tasks", type=int, default=TASKS, help="tasks per run")
+    parser.add_argument("--compare-with", metavar="REV",
+                        help="also time the ledger variant with the worker code of git REV")
     args = parser.parse_args(argv)
-    with bench_environment() as env:
-        rows = run(env, rounds=args.rounds, tasks=args.tasks)
+    with tempfile.TemporaryDirectory(prefix="rt-bench-worker-rev-") as tree:
+        variants = list(VARIANTS)
+        if args.compare_with:
+            variants.append(ledger_at(args.compare_with, checkout(args.compare_with, Path(tree))))
+        with bench_environment() as env:
+            rows = run(env, rounds=args.rounds, tasks=args.tasks, variants=variants)
     print_table(rows, title=f"Worker side (median of {args.rounds} interleaved runs)")
     print_problems(env.problems)
     return 1 if env.problems else 0
