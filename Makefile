@@ -23,7 +23,8 @@ demo: install
 test: install
 	$(PY) -m pytest -W error $(PYTEST_ARGS)
 
-# Fault scenarios at full scale, plain Celery vs reliable_tasks, as one table (about 10 min).
+# Fault scenarios at full scale, plain Celery vs reliable_tasks: Redis's table (about 10 min),
+# then the database's (about 9 min; needs PostgreSQL's server binaries, skipped without them).
 # The same scenarios at the test suite's scale: make test PYTEST_ARGS='-m faults'.
 faults: install
 	$(PY) -m benchmarks.faults $(FAULTS_ARGS)
