@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO, cast
 
-from benchmarks.common import log
+from benchmarks.common import _sigterm_as_exit, log
 from benchmarks.db_fault_scenarios import (
     SCALES,
     SCENARIOS,
@@ -102,23 +102,45 @@ def run_here(scenario: str, variant: Variant, scale_name: str, work_dir: Path) -
 # --- many runs, each in a process of its own ------------------------------------------------------
 
 
+def run_bounded(argv: Sequence[str], timeout: float) -> tuple[int | None, str, str]:
+    """Run a scenario's process to its end; return its exit status (None if it timed out),
+    stdout and stderr.
+
+    One that has not finished within ``timeout`` seconds gets SIGTERM first, which unwinds it
+    so that it stops the servers and workers it started, and SIGKILL a minute later.
+    """
+    with subprocess.Popen(list(argv), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as process:
+        try:
+            out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            try:
+                out, err = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                out, err = process.communicate()
+            return None, out, err
+        return process.returncode, out, err
+
+
+def runner_argv(scenario: str, variant: Variant, scale_name: str, work_dir: Path) -> list[str]:
+    """The command that runs one scenario in a new process of this module (``--json``)."""
+    return [sys.executable, "-m", "benchmarks.db_faults", "--scenario", scenario,
+            "--variant", variant, "--scale", scale_name, "--json", "--work-dir", str(work_dir)]
+
+
 def run_in_subprocess(scenario: str, variant: Variant, scale_name: str,
                       work_dir: Path) -> DbOutcome:
     """Run one scenario in a new process of this module; return the outcome it printed."""
-    argv = [sys.executable, "-m", "benchmarks.db_faults", "--scenario", scenario,
-            "--variant", variant, "--scale", scale_name, "--json", "--work-dir", str(work_dir)]
-    try:
-        done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired:
+    status, out, err = run_bounded(runner_argv(scenario, variant, scale_name, work_dir),
+                                   RUN_TIMEOUT)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if status is None or not lines:
+        log(err[-6000:])
         failed = DbOutcome(scenario, variant, scale_name, work_dir=str(work_dir))
-        failed.notes.append(f"run failed: no outcome within {RUN_TIMEOUT}s")
-        return failed
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        log(done.stderr[-6000:])
-        failed = DbOutcome(scenario, variant, scale_name, work_dir=str(work_dir))
-        failed.notes.append(f"run failed: exit status {done.returncode}, no outcome")
+        failed.notes.append(f"run failed: no outcome within {RUN_TIMEOUT}s" if status is None
+                            else f"run failed: exit status {status}, no outcome")
         return failed
     return DbOutcome.from_dict(json.loads(lines[-1]))
 
@@ -236,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     own_dir = args.work_dir is None
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="rt-dbfaults-"))
     if len(scenarios) == 1 and len(variants) == 1:
-        outcome = run_here(scenarios[0], variants[0], args.scale, work_dir)
+        with _sigterm_as_exit():  # a SIGTERMed run still stops what it started
+            outcome = run_here(scenarios[0], variants[0], args.scale, work_dir)
         print(outcome_json(outcome) if args.json else outcome.summary(), flush=True)
         return 1 if any(note.startswith("run failed") for note in outcome.notes) else 0
     started = time.monotonic()

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from benchmarks.db_fault_scenarios import DbOutcome, scale_from_env
-from example_project.devservers import REPO_ROOT, postgres_unavailable
+from benchmarks.db_faults import run_bounded, runner_argv
+from example_project.devservers import postgres_unavailable
 
 pytestmark = [pytest.mark.faults]
 
@@ -68,15 +67,12 @@ def run_scenario(tmp_path: Path) -> Callable[[str], DbOutcome]:
 
     def run(name: str) -> DbOutcome:
         work_dir = tmp_path / name
-        argv = [sys.executable, "-m", "benchmarks.db_faults", "--scenario", name,
-                "--variant", "reliable", "--scale", scale.name, "--json",
-                "--work-dir", str(work_dir)]
-        done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=RUN_TIMEOUT[scale.name], check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        assert done.returncode == 0 and lines, (
-            f"the scenario's process exited {done.returncode}:\n{done.stderr[-_LOG_TAIL_CHARS:]}"
-            f"\n{_logs(work_dir)}")
+        status, out, err = run_bounded(runner_argv(name, "reliable", scale.name, work_dir),
+                                       RUN_TIMEOUT[scale.name])
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        assert status == 0 and lines, (
+            f"the scenario's process exited {status} (None: timed out):\n"
+            f"{err[-_LOG_TAIL_CHARS:]}\n{_logs(work_dir)}")
         outcome = DbOutcome.from_dict(json.loads(lines[-1]))
         print(outcome.summary())
         return outcome
