@@ -132,7 +132,8 @@ class HeartbeatThread:
         except DatabaseError:
             # Any error is tried again at the next beat (the thread must outlive it); the
             # leases hold that long (HEARTBEAT_INTERVAL is well below LEASE_TIMEOUT) and,
-            # after an outage, the pulse holds them longer (tests/test_db_faults.py).
+            # after an outage, the pulse holds them longer (tests/test_fail_closed.py;
+            # tests/faults/test_database_faults.py: an 8 s outage with 3 s leases).
             logger.warning("worker heartbeat failed; retrying in %ss",
                            app_settings.HEARTBEAT_INTERVAL, exc_info=True)
             db_retry.drop_connections()
