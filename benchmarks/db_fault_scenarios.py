@@ -521,26 +521,23 @@ class ScenarioRun:
         self.workers: list[CeleryProcess] = []
         self.beat: CeleryProcess | None = None
         self.schedule_id: int | None = None
-        self.fault_started_at: float | None = None
         self.fault_over_at: float | None = None
         self.idle_latencies: list[float] = []
 
     # -- processes -------------------------------------------------------------------------
 
-    def _process_env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, **extra}
-
     def start_processes(self) -> None:
-        """Start the workers and beat (in parallel) and wait until each is ready."""
-        worker_env = self._process_env(
-            **(ASYNC_COMMIT_SETTINGS if self.scenario == "pg_killed_async_commit"
-               and self.variant == "reliable" else {}))
+        """Start the workers and beat (in parallel) and wait until each is ready.
+
+        They inherit this process' environment (its database, Redis and settings).
+        """
+        async_commit = self.scenario == "pg_killed_async_commit" and self.variant == "reliable"
+        worker_env = dict(ASYNC_COMMIT_SETTINGS) if async_commit else {}
         log_dir = self.work_dir / "celery"
         self.workers = [CeleryProcess("worker", worker_env, concurrency=WORKER_CONCURRENCY,
                                       log_dir=log_dir) for _ in range(WORKERS)]
         extra_args = ("--scheduler=redbeat.RedBeatScheduler",) if self.variant == "plain" else ()
-        self.beat = CeleryProcess("beat", self._process_env(), extra_args=extra_args,
-                                  log_dir=log_dir)
+        self.beat = CeleryProcess("beat", {}, extra_args=extra_args, log_dir=log_dir)
         self.processes = [*self.workers, self.beat]
         for process in self.processes:
             process.start(wait_ready=False)
@@ -642,7 +639,6 @@ class ScenarioRun:
     def inject(self) -> None:
         """The scenario's fault; sets when it began and ended and probes during it."""
         postgres = self.servers.postgres
-        self.fault_started_at = time.time()
         began = time.monotonic()
         if self.scenario in ("pg_restart_fast", "pg_restart_immediate"):
             postgres.stop("fast" if self.scenario == "pg_restart_fast" else "immediate")
@@ -680,7 +676,6 @@ class ScenarioRun:
         """Between tasks, terminate every backend, then send one task at once; repeat."""
         producer = Producer(sender(self.variant, self.runs_path), "idle-",
                             self.scale.idle_cycles, 1.0)
-        self.fault_started_at = time.time()
         terminated = 0
         latencies = self.idle_latencies
         for cycle in range(self.scale.idle_cycles):
