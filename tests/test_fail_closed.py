@@ -258,3 +258,38 @@ def test_a_heartbeat_touches_the_pulse_and_extends_leases_by_the_database_s_cloc
     lease = TaskRecord.objects.get(pk=row.pk).lease_expires_at
     assert abs((pulse.last_seen_at - database_now()).total_seconds()) < 5
     assert abs((lease - pulse.last_seen_at).total_seconds() - 30) < 1
+
+
+# --- the after-commit publish -------------------------------------------------------------------
+
+
+@pytest.fixture
+def session_ended_by_the_queued_mark() -> Iterator[None]:
+    """A trigger that has the server end the session which marks a row QUEUED."""
+    table = TaskRecord._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute("""
+            CREATE FUNCTION rt_test_end_session() RETURNS trigger AS $$
+            BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN NEW; END
+            $$ LANGUAGE plpgsql""")
+        cursor.execute(f"""
+            CREATE TRIGGER rt_test_end_session BEFORE UPDATE ON {table} FOR EACH ROW
+            WHEN (NEW.state = 'QUEUED') EXECUTE FUNCTION rt_test_end_session()""")
+    yield
+    db_retry.drop_connections()
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TRIGGER rt_test_end_session ON {table}")
+        cursor.execute("DROP FUNCTION rt_test_end_session()")
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="a PostgreSQL trigger ends it")
+def test_a_dispatch_whose_queued_mark_lost_its_session_returns_and_its_row_waits_for_the_claim(
+        redis_server, session_ended_by_the_queued_mark):
+    row = dispatch("demo.record", ("mark-lost",))  # autocommit: published at once
+
+    assert TaskRecord.objects.get(pk=row.id).state == TaskState.PENDING
+    assert redis_server.client().llen("celery") == 1, "published before the mark failed"
+    claimed = ledger.claim(str(row.id), task_name="demo.record", worker="w1",
+                           rerun_after_lost=False)
+    assert claimed.won, "the claim takes a PENDING row"
+    assert sweep(database_now() + timedelta(minutes=5)).published == 0, "nothing left to publish"
