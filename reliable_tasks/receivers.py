@@ -22,16 +22,25 @@ from reliable_tasks.states import TaskState
 logger = logging.getLogger(__name__)
 
 
+#: The app's own tasks: the sweeper is not a task of the project's, and recording each of its
+#: passes would fill the ledger with a row per ``SWEEP_INTERVAL``.
+OWN_TASK_PREFIX = "reliable_tasks."
+
+
 def _is_reliable(task: Any) -> bool:
-    """Whether the task records itself (or adoption is off, so nobody records it here)."""
+    """Whether nobody records the task here: it records itself (a ``ReliableTask``), it is the
+    app's own, or adoption is off."""
     from reliable_tasks.execution import ReliableTask
 
-    return isinstance(task, ReliableTask) or not app_settings.ADOPT
+    return (isinstance(task, ReliableTask) or not app_settings.ADOPT
+            or str(getattr(task, "name", "")).startswith(OWN_TASK_PREFIX))
 
 
 def _registered_reliable(task_name: str) -> bool:
     from reliable_tasks.celery_app import find_task, get_celery_app
 
+    if task_name.startswith(OWN_TASK_PREFIX):
+        return True
     return _is_reliable(find_task(get_celery_app(), task_name))
 
 

@@ -1,9 +1,10 @@
-"""The sweeper's passes against a real Redis and database (no worker needed)."""
+"""The sweeper's passes against a real Redis and database (a worker only where it runs one)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from datetime import timedelta
 
 import pytest
@@ -151,3 +152,16 @@ def test_heartbeats_extend_only_the_leases_of_tasks_still_running_there(settings
 
     mark_stopped("w1@h")
     assert not WorkerHeartbeat.objects.get(hostname="w1@h").is_alive()
+
+
+def test_the_sweeper_s_own_task_is_never_recorded_in_the_ledger(redis_server, celery_worker):
+    from reliable_tasks.tasks import sweep_task
+
+    celery_worker(redis_server)
+    result = sweep_task.delay()
+    deadline = time.monotonic() + 30
+    while redis_server.client().llen("celery") or redis_server.client().hlen("unacked"):
+        assert time.monotonic() < deadline, "the sweep task did not run"
+        time.sleep(0.1)
+
+    assert not TaskRecord.objects.filter(pk=result.id).exists()
