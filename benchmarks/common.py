@@ -321,6 +321,19 @@ def print_table(rows: Sequence[Row], title: str = "", out: TextIO | None = None)
     out.flush()
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The lines of a Markdown table of ``rows`` under ``headers``, columns padded alike."""
+    widths = [max(len(header), *(len(row[i]) for row in rows))
+              for i, header in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(value.ljust(width) for value, width in
+                                 zip(values, widths, strict=True)) + " |"
+
+    return [line(headers), "| " + " | ".join("-" * width for width in widths) + " |",
+            *(line(row) for row in rows)]
+
+
 def print_problems(problems: Sequence[str], out: TextIO | None = None) -> None:
     """Print what looked wrong during the runs (or that nothing did)."""
     out = out or sys.stdout

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO, cast
 
-from benchmarks.common import _sigterm_as_exit, log
+from benchmarks.common import _sigterm_as_exit, log, markdown_table
 from benchmarks.db_fault_scenarios import (
     SCALES,
     SCENARIOS,
@@ -187,20 +187,10 @@ def _cells(outcome: DbOutcome) -> tuple[str, ...]:
 def print_table(outcomes: Sequence[DbOutcome], title: str, out: TextIO | None = None) -> None:
     """Print the outcomes as a Markdown table, then each row's notes and log findings."""
     out = out or sys.stdout
-    rows = [_cells(outcome) for outcome in outcomes]
-    widths = [max(len(header), *(len(row[i]) for row in rows))
-              for i, header in enumerate(_HEADERS)]
-
-    def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(value.ljust(width) for value, width in
-                                 zip(values, widths, strict=True)) + " |"
-
     print(title, file=out)
     print(file=out)
-    print(line(_HEADERS), file=out)
-    print("| " + " | ".join("-" * width for width in widths) + " |", file=out)
-    for row in rows:
-        print(line(row), file=out)
+    for line in markdown_table(_HEADERS, [_cells(outcome) for outcome in outcomes]):
+        print(line, file=out)
     print(file=out)
     for outcome in outcomes:
         details = [*outcome.notes]

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from benchmarks import db_faults
-from benchmarks.common import ensure_postgres_database, log
+from benchmarks.common import ensure_postgres_database, log, markdown_table
 from benchmarks.fault_scenarios import (
     Broker,
     Outcome,
@@ -272,20 +272,10 @@ def _cells(outcome: Outcome) -> tuple[str, ...]:
 def print_table(outcomes: Sequence[Outcome], title: str, out: TextIO | None = None) -> None:
     """Print the outcomes as a Markdown table, then each row's notes."""
     out = out or sys.stdout
-    rows = [_cells(outcome) for outcome in outcomes]
-    widths = [max(len(header), *(len(row[i]) for row in rows))
-              for i, header in enumerate(_HEADERS)]
-
-    def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(value.ljust(width) for value, width in
-                                 zip(values, widths, strict=True)) + " |"
-
     print(title, file=out)
     print(file=out)
-    print(line(_HEADERS), file=out)
-    print("| " + " | ".join("-" * width for width in widths) + " |", file=out)
-    for row in rows:
-        print(line(row), file=out)
+    for line in markdown_table(_HEADERS, [_cells(outcome) for outcome in outcomes]):
+        print(line, file=out)
     print(file=out)
     for outcome in outcomes:
         if outcome.notes:
