@@ -324,7 +324,7 @@ def publish_records(records: Sequence[Publishable], *, retry_at: datetime | None
                        len(records), exc)
         _record_publish_failure(ids, exc, retry_at)
         return 0
-    _mark_queued(ids)
+    _mark_queued(records)
     return len(records)
 
 
@@ -351,11 +351,16 @@ def publishing_transaction() -> Iterator[None]:
 MARK_CHUNK = 2000
 
 
-def _mark_queued(ids: list[Any]) -> None:
-    """Mark published rows QUEUED, without waiting for the disk where the database allows."""
+def _mark_queued(records: Sequence[Publishable]) -> None:
+    """Mark published rows QUEUED, each at the attempt it was published for, without waiting
+    for the disk where the database allows."""
+    by_attempts: dict[int, list[Any]] = {}
+    for record in records:
+        by_attempts.setdefault(record.attempts, []).append(record.id)
     with publishing_transaction():
-        for start in range(0, len(ids), MARK_CHUNK):
-            statements.mark_queued(ids[start:start + MARK_CHUNK])
+        for attempts, ids in by_attempts.items():
+            for start in range(0, len(ids), MARK_CHUNK):
+                statements.mark_queued(ids[start:start + MARK_CHUNK], attempts)
 
 
 def _record_publish_failure(ids: list[Any], exc: Exception, retry_at: datetime | None) -> None:

@@ -68,15 +68,16 @@ def _success_sql(alias: str) -> str:
 
 @lru_cache(maxsize=64)
 def _queued_sql(alias: str, count: int) -> str:
-    table, state, published, next_attempt, attempts, error, pk = _quoted(
+    table, state, published, next_attempt, publishes, error, pk, attempts = _quoted(
         alias, "state", "published_at", "next_attempt_at", "publish_attempts", "publish_error",
-        "id")
+        "id", "attempts")
     ids = ", ".join(["%s"] * count)
     # published_at is the database's time: the requeue after a broker loss compares it.
     return (f"UPDATE {table} SET {state} = %s, {published} = {now_sql(alias)[0]}, "
             f"{next_attempt} = NULL, "
-            f"{attempts} = {attempts} + 1, {error} = '' "
-            f"WHERE {pk} IN ({ids}) AND CASE WHEN {state} IN (%s, %s) THEN 1 ELSE 0 END = 1")
+            f"{publishes} = {publishes} + 1, {error} = '' "
+            f"WHERE {pk} IN ({ids}) "
+            f"AND CASE WHEN {state} IN (%s, %s) AND {attempts} = %s THEN 1 ELSE 0 END = 1")
 
 
 def _execute(sql: str, params: Iterable[Any], alias: str) -> int:
@@ -122,21 +123,26 @@ def succeed(task_id: str, *, worker: str, started_at: datetime, now: datetime) -
     ], alias)
 
 
-def mark_queued(task_ids: list[Any]) -> int:
-    """QUEUED for published rows still PENDING or RETRY; returns the number of rows changed.
+def mark_queued(task_ids: list[Any], attempts: int) -> int:
+    """QUEUED for published rows still PENDING or RETRY at ``attempts`` attempts, the count
+    they had when they were published; returns the number of rows changed.
 
-    The state is compared inside a ``CASE``, so that the rows are found by their primary key
-    and never through an index on ``state`` (``querysets.state_still_in`` says why).
+    Naming the attempt keeps a late mark off a row that a worker claimed and put back in RETRY
+    meanwhile (its attempts went up): that RETRY waits for the sweeper, which a QUEUED row
+    would never get. The state is compared inside a ``CASE``, so that the rows are found by
+    their primary key and never through an index on ``state`` (``querysets.state_still_in``
+    says why).
     """
     alias = _alias()
-    return _execute(*queued_statement(task_ids, alias=alias), alias)
+    return _execute(*queued_statement(task_ids, attempts, alias=alias), alias)
 
 
-def queued_statement(task_ids: list[Any], *, alias: str) -> tuple[str, list[Any]]:
+def queued_statement(task_ids: list[Any], attempts: int, *,
+                     alias: str) -> tuple[str, list[Any]]:
     """The SQL and parameters of ``mark_queued`` on ``alias`` (for EXPLAIN in tests)."""
     return _queued_sql(alias, len(task_ids)), [
         TaskState.QUEUED.value, *now_sql(alias)[1], *(_id(str(pk), alias) for pk in task_ids),
-        TaskState.PENDING.value, TaskState.RETRY.value,
+        TaskState.PENDING.value, TaskState.RETRY.value, attempts,
     ]
 
 

@@ -295,3 +295,24 @@ def test_the_message_carries_the_tasks_ignore_result(redis_server):
     flags = {message["headers"]["task"]: message["headers"]["ignore_result"]
              for message in messages}
     assert flags == {"demo.noop": True, "demo.add": False}
+
+
+def test_a_late_queued_mark_leaves_a_retry_stored_meanwhile_alone(shared_redis):
+    from datetime import timedelta
+
+    from reliable_tasks import ledger
+    from reliable_tasks.clock import database_now
+    from reliable_tasks.outbox import publish_records
+
+    row = TaskRecord.objects.create(task_name="demo.record", args=["late-mark"])
+    as_published = TaskRecord.objects.get(pk=row.pk)  # what the publisher read: 0 attempts
+    claimed = ledger.claim(str(row.pk), task_name="demo.record", worker="w1",
+                           rerun_after_lost=False)
+    held_until = database_now() + timedelta(seconds=900)
+    assert ledger.record_retry(str(row.pk), claimed, ValueError("later"), held_until)
+
+    assert publish_records([as_published]) == 1  # its mark arrives after the RETRY
+
+    stored = TaskRecord.objects.get(pk=row.pk)
+    assert (stored.state, stored.attempts, stored.next_attempt_at) == (
+        TaskState.RETRY, 1, held_until)

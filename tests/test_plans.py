@@ -62,12 +62,12 @@ def assert_not_through_a_state_index(ours: str, naive: str) -> None:
 
 
 def test_the_queued_mark_finds_its_rows_without_the_state_indexes(backlog_after_analyze) -> None:
-    sql, params = statements.queued_statement(backlog_after_analyze,
+    sql, params = statements.queued_statement(backlog_after_analyze, 1,
                                               alias=connection.alias)
     naive_sql = re.sub(r"CASE WHEN (.*) THEN 1 ELSE 0 END = 1", r"\1", sql)
 
     assert_not_through_a_state_index(plan_of(sql, params), plan_of(naive_sql, params))
-    assert statements.mark_queued(backlog_after_analyze) == BATCH
+    assert statements.mark_queued(backlog_after_analyze, 1) == BATCH
 
 
 def test_a_transition_finds_its_rows_without_the_state_indexes(backlog_after_analyze) -> None:
