@@ -173,18 +173,43 @@ class RunPlan:
 _WALK_BACK = timedelta(days=2)
 
 
-def _walk_start(timing: Timing, last_slot: datetime, cutoff: datetime) -> datetime:
-    """Where to start walking slots: ``last_slot``, or near ``cutoff`` after a long outage.
+def _latest_slot_at_or_before(timing: Timing, instant: datetime,
+                              known: datetime) -> datetime:
+    """The schedule's latest slot not after ``instant``, given ``known``, a slot before it.
 
-    Every slot before the cutoff is missed, so only the latest of them matters; walking starts
-    at most ``_WALK_BACK`` before the cutoff, on the schedule's own grid.
+    Looks back from ``instant`` over a reach that doubles until it holds a slot, then walks the
+    slots of that reach: a few steps for any period, never the whole way from ``known``.
     """
-    if cutoff - last_slot <= _WALK_BACK:
+    reach = timedelta(minutes=1)
+    while True:
+        floor = instant - reach
+        latest = known if floor <= known else timing.next_after(floor)
+        if latest is not None and latest <= instant:
+            later = timing.next_after(latest)
+            while later is not None and later <= instant:
+                latest, later = later, timing.next_after(later)
+            return latest
+        reach *= 2
+
+
+def _walk_start(timing: Timing, last_slot: datetime, cutoff: datetime) -> datetime:
+    """Where to start walking slots: ``last_slot``, or a later slot after a long outage.
+
+    Every slot before the cutoff is missed, so only the latest of them matters: after an
+    outage longer than ``_WALK_BACK``, walking starts at the schedule's latest slot at least
+    ``_WALK_BACK`` before the cutoff (a real slot of its own, so that it can be the missed run
+    that ``catch_up="latest"`` runs), or at ``last_slot`` when there is none after it.
+    """
+    horizon = cutoff - _WALK_BACK
+    if last_slot >= horizon:
         return last_slot
     if timing.interval_seconds is not None:
-        whole = (cutoff - _WALK_BACK - last_slot).total_seconds() // timing.interval_seconds
+        whole = (horizon - last_slot).total_seconds() // timing.interval_seconds
         return last_slot + timedelta(seconds=whole * timing.interval_seconds)
-    return cutoff - _WALK_BACK
+    first = timing.next_after(last_slot)
+    if first is None or first > horizon:
+        return last_slot
+    return _latest_slot_at_or_before(timing, horizon, first)
 
 
 def plan_runs(timing: Timing, last_slot: datetime, now: datetime, *, catch_up: str,

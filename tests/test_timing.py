@@ -6,7 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from reliable_tasks.timing import ScheduleSpecError, Timing, parse_crontab, plan_runs
+from reliable_tasks.timing import (
+    ScheduleSpecError,
+    Timing,
+    _latest_slot_at_or_before,
+    parse_crontab,
+    plan_runs,
+)
 
 BERLIN_0230 = parse_crontab("30 2 * * *", "Europe/Berlin")
 
@@ -110,3 +116,54 @@ def test_a_one_off_runs_once():
 
     assert plan.to_run == (run_at,)
     assert plan.next_due is None
+
+
+def is_slot(timing: Timing, instant: datetime) -> bool:
+    return timing.next_after(instant - timedelta(microseconds=1)) == instant
+
+
+@pytest.mark.parametrize(("expression", "tick"), [
+    ("* * * * *", timedelta(seconds=20)),
+    ("15 * * * *", timedelta(minutes=5)),
+    ("30 2 * * *", timedelta(minutes=30)),
+    ("0 9 * * 1", timedelta(hours=2)),
+    ("0 0 1 * *", timedelta(hours=6)),
+    ("0 0 1 1 *", timedelta(days=3)),
+], ids=["minutely", "hourly", "daily", "weekly", "monthly", "yearly"])
+@pytest.mark.parametrize("catch_up", ["skip", "latest"])
+@pytest.mark.parametrize(("down", "back"), [
+    (datetime(2025, 12, 31, tzinfo=UTC), datetime(2026, 4, 10, 7, 7, tzinfo=UTC)),
+    (datetime(2026, 8, 1, tzinfo=UTC), datetime(2026, 11, 5, 7, 7, tzinfo=UTC)),
+], ids=["over-spring-forward", "over-fall-back"])
+def test_every_period_across_a_long_downtime_and_dst_runs_real_slots_once(
+        expression, tick, catch_up, down, back):
+    """Beat down for months while Berlin's clocks change, then ticking for a few periods."""
+    timing = Timing(crontab=parse_crontab(expression, "Europe/Berlin"))
+    year_before = timing.next_after(down - timedelta(days=400))
+    last = first = _latest_slot_at_or_before(timing, down, year_before)  # the run before
+    period = timing.next_after(timing.next_after(last)) - timing.next_after(last)
+    end = back + max(3 * period, timedelta(hours=1))
+    late = max(60.0, 2 * tick.total_seconds())  # a tick sees every slot before it is missed
+    ran: list[datetime] = []
+    now = back
+    while now <= end:
+        plan = plan_runs(timing, last, now, catch_up=catch_up, missed_after=late)
+        ran.extend(plan.to_run)
+        last = plan.advance_to or last
+        now += tick
+
+    assert all(is_slot(timing, slot) for slot in ran), "only the schedule's own slots run"
+    assert len(ran) == len(set(ran)), "no slot twice"
+    cutoff = back - timedelta(seconds=late)
+    missed = [slot for slot in ran if slot < cutoff]
+    some_missed = timing.next_after(first) < cutoff
+    none_on_time = timing.next_after(cutoff - timedelta(microseconds=1)) > back
+    # "latest" runs the latest missed slot once, unless a slot on time runs anyway.
+    assert len(missed) == int(catch_up == "latest" and some_missed and none_on_time)
+    if missed:
+        assert timing.next_after(missed[0]) >= cutoff, "the latest missed slot"
+    expected, slot = [], timing.next_after(cutoff - timedelta(microseconds=1))
+    while slot <= end - tick:
+        expected.append(slot)
+        slot = timing.next_after(slot)
+    assert [slot for slot in ran if slot not in missed][:len(expected)] == expected
