@@ -1,8 +1,9 @@
 """The sweeper: repairs what went wrong, in bounded batches, safely from many processes at once.
 
 One pass:
-1. turns expired leases (their worker stopped heartbeating) into RETRY or LOST, unless the
-   database was unreachable less than a lease ago (``reliable_tasks.pulse``);
+1. turns expired leases (their worker stopped heartbeating) into RETRY or LOST (always LOST
+   for a row adopted from a delivery sent around the outbox: nothing to publish again), unless
+   the database was unreachable less than a lease ago (``reliable_tasks.pulse``);
 2. notices a broker that lost its data (the Redis server's run id changed) and makes the
    QUEUED rows published before the change due for re-publishing;
 3. publishes due rows: PENDING past the publish grace or their held delay, RETRY past their
@@ -115,17 +116,19 @@ def _retry_on_lost(task_name: str) -> bool:
 
 
 def expire_leases(now: datetime, batch_size: int, budget: _Budget) -> tuple[int, int]:
-    """STARTED rows whose lease ran out become RETRY (``retry_on_lost``) or LOST."""
+    """STARTED rows whose lease ran out become RETRY (``retry_on_lost``, recorded through the
+    outbox) or LOST."""
     retried = lost = 0
     while budget.left():
         rows = list(TaskRecord.objects.lease_expired(now)
                     .order_by("lease_expires_at")
-                    .values_list("id", "task_name")[:batch_size])
+                    .values_list("id", "task_name", "adopted")[:batch_size])
         if not rows:
             break
         by_outcome: dict[bool, list[Any]] = {True: [], False: []}
-        for task_id, task_name in rows:
-            by_outcome[_retry_on_lost(task_name)].append(task_id)
+        for task_id, task_name, adopted in rows:
+            # An adopted row (sent around the outbox) has no arguments to publish again.
+            by_outcome[not adopted and _retry_on_lost(task_name)].append(task_id)
         if by_outcome[True]:
             retried += TaskRecord.objects.filter(id__in=by_outcome[True]).lease_expired(
                 now).update(state=TaskState.RETRY, next_attempt_at=now, lease_expires_at=None,

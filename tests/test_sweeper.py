@@ -165,3 +165,14 @@ def test_the_sweeper_s_own_task_is_never_recorded_in_the_ledger(redis_server, ce
         time.sleep(0.1)
 
     assert not TaskRecord.objects.filter(pk=result.id).exists()
+
+
+def test_an_adopted_row_whose_lease_expired_is_lost_even_for_a_task_that_may_rerun(
+        redis_server):
+    past = timezone.now() - timedelta(seconds=5)
+    adopted = row(TaskState.STARTED, "demo.resumable_record", lease_expires_at=past, adopted=True)
+
+    report = sweep()
+
+    assert (report.expired_leases_retried, report.expired_leases_lost) == (0, 1)
+    assert TaskRecord.objects.get(pk=adopted.pk).state == TaskState.LOST
