@@ -182,7 +182,8 @@ class ReliableTask(DjangoTask):
 
         def claim() -> ledger.Claim:
             return ledger.claim(task_id, task_name=self.name, worker=request.hostname or "",
-                                rerun_after_lost=self.retry_on_lost, started_at=token)
+                                rerun_after_lost=self.retry_on_lost, started_at=token,
+                                max_attempts=int(self.max_attempts))
 
         try:
             claimed = db_retry.within(claim, app_settings.CLAIM_RETRY_TIMEOUT,

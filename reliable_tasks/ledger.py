@@ -52,14 +52,16 @@ def _lease(now: datetime) -> datetime:
 
 
 def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
-          started_at: datetime | None = None) -> Claim:
+          started_at: datetime | None = None, max_attempts: int | None = None) -> Claim:
     """Claim the row of a delivered task for this worker, or say why the body must not run.
 
     ``started_at`` is the claim's token: the outcome write names it, and a claim retried after
     a dropped connection finds its own earlier win by it (pass the same value on every try).
     The common case is one conditional UPDATE: it wins from PENDING, QUEUED and RETRY while the
     task has not expired. Otherwise the row is read to decide: a STARTED row whose lease expired
-    is taken over when the task may re-run after its worker died; an expired task becomes
+    is taken over when the task may re-run after its worker died and has attempts left (the
+    row's ``max_attempts``, else ``max_attempts`` given here, else the setting), and becomes
+    LOST when it has none; an expired task becomes
     EXPIRED; a row that does not exist (sent around the outbox, or pruned) is recorded as
     started by this delivery; a finished task, or one running under a live lease, loses, and
     the skipped delivery is counted. Leases and expiry are judged by the database's clock.
@@ -69,7 +71,8 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
                                lease_seconds=app_settings.LEASE_TIMEOUT)
     if changed:
         return Claim(won=True, worker=worker, started_at=started_at)
-    claimed = _claim_contended(task_id, task_name, worker, started_at, rerun_after_lost)
+    claimed = _claim_contended(task_id, task_name, worker, started_at, rerun_after_lost,
+                               max_attempts)
     if not claimed.won:
         TaskRecord.objects.filter(id=task_id).update(
             duplicate_deliveries=F("duplicate_deliveries") + 1)
@@ -77,10 +80,10 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
 
 
 def _claim_contended(task_id: str, task_name: str, worker: str, started_at: datetime,
-                     rerun_after_lost: bool) -> Claim:
+                     rerun_after_lost: bool, max_attempts: int | None) -> Claim:
     row = (TaskRecord.objects.filter(id=task_id)
-           .values("state", "attempts", "lease_expires_at", "expires_at", "worker",
-                   "started_at").first())
+           .values("state", "attempts", "max_attempts", "lease_expires_at", "expires_at",
+                   "worker", "started_at").first())
     now = database_now()
     if row is None:
         return _claim_unrecorded(task_id, task_name, worker, started_at, now)
@@ -92,6 +95,16 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
             CLAIMABLE_STATES, state=TaskState.EXPIRED, finished_at=now)
         return Claim(won=False, reason=f"expired at {row['expires_at'].isoformat()}")
     lease_expired = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+    limit = row["max_attempts"] or max_attempts or app_settings.MAX_ATTEMPTS
+    if state == TaskState.STARTED and lease_expired and rerun_after_lost and (
+            row["attempts"] >= limit):
+        TaskRecord.objects.filter(
+            id=task_id, state=state, attempts=row["attempts"], lease_expires_at__lt=now,
+        ).update(state=TaskState.LOST, finished_at=now, lease_expires_at=None,
+                 error_type="reliable_tasks.WorkerLost",
+                 error_message="The worker stopped heartbeating while running its last "
+                               "allowed attempt (max_attempts).")
+        return Claim(won=False, reason=f"lost on its last attempt ({row['attempts']})")
     if state == TaskState.STARTED and lease_expired and rerun_after_lost:
         changed = TaskRecord.objects.filter(
             id=task_id, state=state, attempts=row["attempts"], lease_expires_at__lt=now,

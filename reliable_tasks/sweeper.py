@@ -110,36 +110,56 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
     return report
 
 
-def _retry_on_lost(task_name: str) -> bool:
+#: What becomes of a row whose lease expired, and the error it records.
+_LEASE_OUTCOMES: dict[str, tuple[TaskState, str]] = {
+    "retry": (TaskState.RETRY, "The worker stopped heartbeating while running it."),
+    "lost": (TaskState.LOST, "The worker stopped heartbeating while running it; the task does "
+                             "not allow re-running (retry_on_lost)."),
+    "used_up": (TaskState.LOST, "The worker stopped heartbeating while running its last "
+                                "allowed attempt (max_attempts)."),
+}
+
+
+def _lease_outcome(task_name: str, adopted: bool, attempts: int,
+                   max_attempts: int | None) -> str:
+    """``retry`` for a task that may run again and has attempts left, else why it is lost.
+
+    An adopted row (sent around the outbox) has no arguments to publish again.
+    """
     task = find_task(get_celery_app(), task_name)
-    return bool(getattr(task, "retry_on_lost", False))
+    if adopted or not getattr(task, "retry_on_lost", False):
+        return "lost"
+    limit = max_attempts or getattr(task, "max_attempts", None) or app_settings.MAX_ATTEMPTS
+    return "retry" if attempts < int(limit) else "used_up"
 
 
 def expire_leases(now: datetime, batch_size: int, budget: _Budget) -> tuple[int, int]:
     """STARTED rows whose lease ran out become RETRY (``retry_on_lost``, recorded through the
-    outbox) or LOST."""
+    outbox, attempts left) or LOST; return (retried, lost)."""
     retried = lost = 0
     while budget.left():
         rows = list(TaskRecord.objects.lease_expired(now)
                     .order_by("lease_expires_at")
-                    .values_list("id", "task_name", "adopted")[:batch_size])
+                    .values_list("id", "task_name", "adopted", "attempts",
+                                 "max_attempts")[:batch_size])
         if not rows:
             break
-        by_outcome: dict[bool, list[Any]] = {True: [], False: []}
-        for task_id, task_name, adopted in rows:
-            # An adopted row (sent around the outbox) has no arguments to publish again.
-            by_outcome[not adopted and _retry_on_lost(task_name)].append(task_id)
-        if by_outcome[True]:
-            retried += TaskRecord.objects.filter(id__in=by_outcome[True]).lease_expired(
-                now).update(state=TaskState.RETRY, next_attempt_at=now, lease_expires_at=None,
-                            error_type="reliable_tasks.WorkerLost",
-                            error_message="The worker stopped heartbeating while running it.")
-        if by_outcome[False]:
-            lost += TaskRecord.objects.filter(id__in=by_outcome[False]).lease_expired(
-                now).update(state=TaskState.LOST, finished_at=now, lease_expires_at=None,
-                            error_type="reliable_tasks.WorkerLost",
-                            error_message="The worker stopped heartbeating while running it; "
-                                          "the task does not allow re-running (retry_on_lost).")
+        by_outcome: dict[str, list[Any]] = {outcome: [] for outcome in _LEASE_OUTCOMES}
+        for task_id, task_name, adopted, attempts, max_attempts in rows:
+            by_outcome[_lease_outcome(task_name, adopted, attempts, max_attempts)].append(task_id)
+        for outcome, ids in by_outcome.items():
+            if not ids:
+                continue
+            state, message = _LEASE_OUTCOMES[outcome]
+            ending = ({"next_attempt_at": now} if state == TaskState.RETRY
+                      else {"finished_at": now})
+            changed = TaskRecord.objects.filter(id__in=ids).lease_expired(now).update(
+                state=state, lease_expires_at=None, error_type="reliable_tasks.WorkerLost",
+                error_message=message, **ending)
+            if state == TaskState.RETRY:
+                retried += changed
+            else:
+                lost += changed
         if len(rows) < batch_size:
             break
     return retried, lost

@@ -145,3 +145,25 @@ def test_a_claim_wins_from_every_claimable_state_in_one_update(state):
     assert len(queries.captured_queries) == 1
     row.refresh_from_db()
     assert (row.state, row.attempts) == (TaskState.STARTED, 1)
+
+
+@pytest.mark.parametrize(("attempts", "won", "state"), [
+    (1, True, TaskState.STARTED),
+    (2, False, TaskState.LOST),
+])
+def test_a_redelivery_takes_over_an_expired_lease_only_while_attempts_are_left(
+        attempts, won, state):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    row = make_row(TaskState.STARTED, worker="w1", attempts=attempts, max_attempts=2,
+                   started_at=timezone.now() - timedelta(minutes=1),
+                   lease_expires_at=timezone.now() - timedelta(seconds=5))
+
+    result = claim(row, "w2", rerun_after_lost=True)
+
+    assert result.won is won
+    row.refresh_from_db()
+    assert row.state == state
+    assert row.attempts == (attempts + 1 if won else attempts)

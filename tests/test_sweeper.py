@@ -176,3 +176,18 @@ def test_an_adopted_row_whose_lease_expired_is_lost_even_for_a_task_that_may_rer
 
     assert (report.expired_leases_retried, report.expired_leases_lost) == (0, 1)
     assert TaskRecord.objects.get(pk=adopted.pk).state == TaskState.LOST
+
+
+def test_a_task_that_may_rerun_is_lost_when_its_worker_died_on_its_last_attempt(redis_server):
+    past = timezone.now() - timedelta(seconds=5)
+    last_try = row(TaskState.STARTED, "demo.resumable_record", lease_expires_at=past,
+                   attempts=2, max_attempts=2)
+    tries_left = row(TaskState.STARTED, "demo.resumable_record", lease_expires_at=past,
+                     attempts=1, max_attempts=2)
+
+    report = sweep()
+
+    assert (report.expired_leases_retried, report.expired_leases_lost) == (1, 1)
+    lost = TaskRecord.objects.get(pk=last_try.pk)
+    assert lost.state == TaskState.LOST and "last allowed attempt" in lost.error_message
+    assert TaskRecord.objects.get(pk=tries_left.pk).state == TaskState.QUEUED  # re-published
