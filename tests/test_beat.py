@@ -259,18 +259,21 @@ def trigger(event: str, table: str, condition: str) -> Iterator[None]:
 def break_beats_connection() -> None:
     """Break beat's database connection while it sleeps between two ticks.
 
-    PostgreSQL: the server ends its session (as an administrator, an idle timeout or a failover
-    would). Elsewhere the connection is closed under Django: every statement on it fails until
-    it is replaced.
+    PostgreSQL and MariaDB: the server ends its session (as an administrator, an idle timeout or
+    a failover would). SQLite: the connection is closed under Django, so that every statement on
+    it fails until it is replaced.
     """
     connection.ensure_connection()
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_backend_pid()")
-            [session] = cursor.fetchone()
-        run_elsewhere(f"SELECT pg_terminate_backend({int(session)})")
-    else:
+    if connection.vendor == "sqlite":
         connection.connection.close()
+        return
+    query = ("SELECT pg_backend_pid()" if connection.vendor == "postgresql"
+             else "SELECT CONNECTION_ID()")
+    with connection.cursor() as cursor:
+        cursor.execute(query)
+        [session] = cursor.fetchone()
+    run_elsewhere(f"SELECT pg_terminate_backend({int(session)})"
+                  if connection.vendor == "postgresql" else f"KILL {int(session)}")
 
 
 def stored(name: str) -> redbeat_store.StoredEntry | None:
