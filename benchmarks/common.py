@@ -321,6 +321,16 @@ def print_table(rows: Sequence[Row], title: str = "", out: TextIO | None = None)
     out.flush()
 
 
+def print_markdown_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]],
+                         out: TextIO) -> None:
+    """Print ``title``, a blank line, the Markdown table of ``rows`` and a blank line."""
+    print(title, file=out)
+    print(file=out)
+    for line in markdown_table(headers, rows):
+        print(line, file=out)
+    print(file=out)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """The lines of a Markdown table of ``rows`` under ``headers``, columns padded alike."""
     widths = [max(len(header), *(len(row[i]) for row in rows))

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO, cast
 
-from benchmarks.common import _sigterm_as_exit, log, markdown_table
+from benchmarks.common import _sigterm_as_exit, log, print_markdown_table
 from benchmarks.db_fault_scenarios import (
     SCALES,
     SCENARIOS,
@@ -187,11 +187,7 @@ def _cells(outcome: DbOutcome) -> tuple[str, ...]:
 def print_table(outcomes: Sequence[DbOutcome], title: str, out: TextIO | None = None) -> None:
     """Print the outcomes as a Markdown table, then each row's notes and log findings."""
     out = out or sys.stdout
-    print(title, file=out)
-    print(file=out)
-    for line in markdown_table(_HEADERS, [_cells(outcome) for outcome in outcomes]):
-        print(line, file=out)
-    print(file=out)
+    print_markdown_table(title, _HEADERS, [_cells(outcome) for outcome in outcomes], out)
     for outcome in outcomes:
         details = [*outcome.notes]
         if outcome.fault_seconds is not None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from benchmarks import db_faults
-from benchmarks.common import ensure_postgres_database, log, markdown_table
+from benchmarks.common import ensure_postgres_database, log, print_markdown_table
 from benchmarks.fault_scenarios import (
     Broker,
     Outcome,
@@ -272,11 +272,7 @@ def _cells(outcome: Outcome) -> tuple[str, ...]:
 def print_table(outcomes: Sequence[Outcome], title: str, out: TextIO | None = None) -> None:
     """Print the outcomes as a Markdown table, then each row's notes."""
     out = out or sys.stdout
-    print(title, file=out)
-    print(file=out)
-    for line in markdown_table(_HEADERS, [_cells(outcome) for outcome in outcomes]):
-        print(line, file=out)
-    print(file=out)
+    print_markdown_table(title, _HEADERS, [_cells(outcome) for outcome in outcomes], out)
     for outcome in outcomes:
         if outcome.notes:
             print(f"- {outcome.scenario} [{outcome.variant_name}]: {'; '.join(outcome.notes)}",
