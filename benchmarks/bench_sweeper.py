@@ -326,12 +326,14 @@ def pin_broker_epoch(env: BenchEnvironment) -> None:
     """
     from django.utils import timezone
 
-    from reliable_tasks.broker_epoch import EPOCH_NAME
+    from reliable_tasks.broker_epoch import broker_name
+    from reliable_tasks.celery_app import get_celery_app
     from reliable_tasks.models import BrokerEpoch
 
     now = timezone.now()
     BrokerEpoch.objects.update_or_create(
-        name=EPOCH_NAME, defaults={"run_id": env.redis.run_id(), "seen_since": now})
+        name=broker_name(get_celery_app()),
+        defaults={"run_id": env.redis.run_id(), "seen_since": now, "requeue_before": None})
 
 
 # --- measuring the queries of a pass --------------------------------------------------------------

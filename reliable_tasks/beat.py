@@ -36,6 +36,7 @@ from reliable_tasks import redbeat_store
 from reliable_tasks.broker_epoch import record_epoch, stored_run_id
 from reliable_tasks.conf import app_settings
 from reliable_tasks.db_retry import drop_connections
+from reliable_tasks.exceptions import DispatchError
 from reliable_tasks.outbox import publish_records
 from reliable_tasks.periodic import ScheduleGone, disable_one_off, record_runs
 from reliable_tasks.reconcile import reconcile_schedules
@@ -195,6 +196,12 @@ class ReliableRedBeatScheduler(RedBeatScheduler):
             logger.info("beat: schedule %s is gone or disabled; removing its entry %s",
                         spec.schedule_id, entry.name)
             redbeat_store.remove(self.app, [entry.name])
+            return self.max_interval
+        except DispatchError as exc:
+            # The schedule names a task this code does not have (removed, renamed) or not as a
+            # ReliableTask: its runs stay due, and run by the catch-up policy once it is back.
+            logger.error("beat: schedule %s cannot run: %s; its runs stay due",
+                         spec.schedule_id, exc)
             return self.max_interval
         if one_off_done:
             # The push after the commit removed its entry; if that push failed, the next tick

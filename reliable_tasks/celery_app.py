@@ -33,12 +33,17 @@ def find_task(app: Celery, name: str) -> Any | None:
     """
     task = app.tasks.get(name)
     if task is None and id(app) not in _discovered:
-        with _discovering:  # another thread's first lookup waits for the import to finish
-            if id(app) not in _discovered:
-                app.loader.import_default_modules()
-                _discovered.add(id(app))
+        _import_task_modules(app)
         task = app.tasks.get(name)
     return task
+
+
+def _import_task_modules(app: Celery) -> None:
+    """Import the project's task modules once per app, as a worker does when it starts."""
+    with _discovering:  # another thread's first lookup waits for the import to finish
+        if id(app) not in _discovered:
+            app.loader.import_default_modules()
+            _discovered.add(id(app))
 
 
 def bounded_broker_connection(app: Celery, timeout: float | None = None) -> Connection:
@@ -59,3 +64,16 @@ def bounded_broker_connection(app: Celery, timeout: float | None = None) -> Conn
             "max_retries": 0,
         },
     )
+
+
+def claims_its_row(task: Any) -> bool:
+    """Whether ``task`` claims its ledger row when it runs (a ``ReliableTask`` does)."""
+    return getattr(task, "claims_its_row", False) is True
+
+
+def reliable_task_names(app: Celery) -> list[str]:
+    """The names of the app's tasks that claim their ledger row (its ``ReliableTask`` tasks),
+    after importing the project's task modules as a worker would."""
+    if id(app) not in _discovered:
+        _import_task_modules(app)
+    return sorted(name for name, task in app.tasks.items() if claims_its_row(task))

@@ -59,6 +59,10 @@ SPECS: dict[str, SettingSpec] = {
         7 * 24 * 3600, (int, float), "Seconds finished rows are kept before pruning.", minimum=0),
     "ENTRY_PREFIX": SettingSpec(
         "reliable_tasks:", (str,), "Prefix of the RedBeat entries and Redis keys this app owns."),
+    "QUEUE_AUDIT_AGE": SettingSpec(
+        600, (int, float), "QUEUED rows published longer ago than this many seconds are looked "
+        "for in the broker (Redis only), at most once per this period; a row whose message is "
+        "gone (celery purge, FLUSHDB, an eviction) is published again. 0: never.", minimum=0),
     "SWEEP_BATCH_SIZE": SettingSpec(
         500, (int,), "Rows one sweeper step handles at most.", minimum=1),
     "CELERY_APP": SettingSpec(
@@ -152,6 +156,10 @@ class ReliableTasksSettings:
     @property
     def ENTRY_PREFIX(self) -> str:
         return str(self._get("ENTRY_PREFIX"))
+
+    @property
+    def QUEUE_AUDIT_AGE(self) -> float:
+        return float(self._get("QUEUE_AUDIT_AGE"))
 
     @property
     def SWEEP_BATCH_SIZE(self) -> int:

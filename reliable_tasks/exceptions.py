@@ -13,6 +13,10 @@ class UnknownTaskError(DispatchError):
     """The task name is not registered with the Celery app."""
 
 
+class NotReliableTaskError(DispatchError):
+    """The task is not a ``ReliableTask``: nothing would claim its row when it runs."""
+
+
 class PayloadError(DispatchError):
     """The args, kwargs or options cannot be stored as JSON, or are larger than allowed."""
 

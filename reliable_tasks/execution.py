@@ -76,6 +76,8 @@ class ReliableTask(DjangoTask):
     retry_backoff_max = _SettingDefault("RETRY_BACKOFF_MAX")
     retry_for: tuple[type[BaseException], ...] = ()
     retry_on_lost = False
+    #: Its execution claims the ledger row (``dispatch()`` accepts only such tasks).
+    claims_its_row = True
     #: Attempts are limited by ``max_attempts`` in the ledger, not by Celery's counter.
     max_retries = None
 

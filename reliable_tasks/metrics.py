@@ -372,7 +372,8 @@ def _sweep_counters(data: Mapping[str, float]) -> Iterator[Metric]:
     rows = CounterMetricFamily(
         "reliable_tasks_sweep_rows",
         "Rows the sweeper handled, by step (published, publish_failed, expired_leases_retried, "
-        "expired_leases_lost, requeued_after_broker_loss, schedules_pushed, pruned).",
+        "expired_leases_lost, requeued_after_broker_loss, requeued_missing_messages, "
+        "schedules_pushed, pruned).",
         labels=["step"])
     events = CounterMetricFamily(
         "reliable_tasks_sweep_events", "Sweeper passes that saw an event, by event "

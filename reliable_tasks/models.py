@@ -233,6 +233,11 @@ class BrokerEpoch(models.Model):
     name = models.CharField(max_length=100, primary_key=True)
     run_id = models.CharField(max_length=64)
     seen_since = models.DateTimeField(default=timezone.now)
+    #: Set when the server changed: QUEUED rows published up to then may have lost their
+    #: message and are made due again, batch by batch, until none is left (then None).
+    requeue_before = models.DateTimeField(null=True, blank=True)
+    #: When the last look for QUEUED rows whose message is gone began (``broker_audit``).
+    audited_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         verbose_name = "broker epoch"

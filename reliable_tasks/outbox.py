@@ -25,9 +25,14 @@ from django.utils.dateparse import parse_datetime
 
 from reliable_tasks import db_retry, statements
 from reliable_tasks.background import shared_publisher
-from reliable_tasks.celery_app import find_task, get_celery_app
+from reliable_tasks.celery_app import claims_its_row, find_task, get_celery_app
 from reliable_tasks.conf import app_settings
-from reliable_tasks.exceptions import DispatchError, PayloadError, UnknownTaskError
+from reliable_tasks.exceptions import (
+    DispatchError,
+    NotReliableTaskError,
+    PayloadError,
+    UnknownTaskError,
+)
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
@@ -41,12 +46,24 @@ _COLUMN_OPTIONS = ("countdown", "eta", "expires", "task_id", "max_attempts",
 
 
 def _task_name(app: Celery, task: Any) -> str:
+    """The name of ``task``, a registered ``ReliableTask``; raise ``DispatchError``.
+
+    Only a ``ReliableTask`` claims its row when it runs: a plain task's row could be published
+    twice (the sweeper's re-publish, a redelivery) and its body would run each time.
+    """
     name = task if isinstance(task, str) else getattr(task, "name", None)
     if not isinstance(name, str) or not name:
         raise UnknownTaskError(f"{task!r} is neither a task nor a task name")
-    if find_task(app, name) is None:
+    found = find_task(app, name)
+    if found is None:
         raise UnknownTaskError(
             f"Unknown task {name!r}: it is not registered with the Celery app {app.main!r}")
+    if not claims_its_row(found):
+        raise NotReliableTaskError(
+            f"Task {name!r} is a plain Celery task, so nothing would claim its ledger row when "
+            f"it runs and a second delivery would run it again: declare it with "
+            f"base=ReliableTask (or make ReliableTask the app's task_cls), or send it with "
+            f"apply_async() (it is then recorded in the ledger without the outbox's guarantee)")
     return name
 
 

@@ -5,7 +5,10 @@ One pass:
    for a row adopted from a delivery sent around the outbox: nothing to publish again), unless
    the database was unreachable less than a lease ago (``reliable_tasks.pulse``);
 2. notices a broker that lost its data (the Redis server's run id changed) and makes the
-   QUEUED rows published before the change due for re-publishing;
+   QUEUED rows published before the change due for re-publishing, resuming on later passes
+   until all are (the cutoff is kept in the database); and, at most once per
+   ``QUEUE_AUDIT_AGE``, looks up QUEUED rows older than that in the broker's queues and makes
+   those whose message is gone due too (a purge, ``FLUSHDB``, an eviction keep the run id);
 3. publishes due rows: PENDING past the publish grace or their held delay, RETRY past their
    backoff. Concurrent sweepers never publish the same row twice: where the database has
    ``SKIP LOCKED``, a batch is locked with ``SELECT ... FOR UPDATE SKIP LOCKED`` and stays
@@ -29,8 +32,15 @@ from typing import Any
 
 from django.db import connection, connections, transaction
 
-from reliable_tasks.broker_epoch import check_broker_epoch
-from reliable_tasks.celery_app import find_task, get_celery_app
+from reliable_tasks.broker_audit import messages_present, queue_names
+from reliable_tasks.broker_epoch import (
+    EpochCheck,
+    audit_again_soon,
+    check_broker_epoch,
+    requeue_done,
+    start_audit,
+)
+from reliable_tasks.celery_app import find_task, get_celery_app, reliable_task_names
 from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.metrics import observe_sweep
@@ -54,6 +64,7 @@ class SweepReport:
     leases_held_after_outage: bool = False
     broker_changed: bool = False
     requeued_after_broker_loss: int = 0
+    requeued_missing_messages: int = 0
     published: int = 0
     publish_failed: int = 0
     schedules_pushed: int = 0
@@ -95,18 +106,20 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
         logger.info("sweep: the ledger was unreachable less than a lease ago; no lease is "
                     "judged until the workers' heartbeats had a whole lease to resume")
     epoch = check_broker_epoch(now)
-    if epoch.changed:
-        report.broker_changed = True
+    report.broker_changed = epoch.changed
+    if epoch.requeue_before is not None:
         report.requeued_after_broker_loss = requeue_after_broker_loss(
-            epoch.previous_since or now, now, batch_size, budget)
+            epoch, now, batch_size, budget)
+    report.requeued_missing_messages = requeue_missing_messages(
+        epoch.name, now, batch_size, budget)
     report.published, report.publish_failed = publish_due_rows(now, batch_size, budget)
     report.schedules_pushed = push_marked(batch_size).pushed if budget.left() else 0
     report.pruned = prune_finished(now, batch_size, budget)
     report.seconds = time.monotonic() - started
     observe_sweep(report)
-    if any((report.expired_leases_retried, report.expired_leases_lost, report.broker_changed,
-            report.published, report.publish_failed, report.schedules_pushed, report.pruned)):
-        logger.info("sweep: %s", report.as_dict())
+    counts = report.as_dict()
+    if any(value for key, value in counts.items() if key != "seconds"):
+        logger.info("sweep: %s", counts)
     return report
 
 
@@ -165,27 +178,86 @@ def expire_leases(now: datetime, batch_size: int, budget: _Budget) -> tuple[int,
     return retried, lost
 
 
-def requeue_after_broker_loss(since: datetime, now: datetime, batch_size: int,
+def _queued_rows(cutoff: datetime) -> TaskRecordQuerySet:
+    """QUEUED rows published by the outbox up to ``cutoff``, of this app's reliable tasks (a
+    ledger shared with another app holds rows this app's broker never saw)."""
+    return TaskRecord.objects.filter(
+        state=TaskState.QUEUED, adopted=False, published_at__lte=cutoff,
+        task_name__in=reliable_task_names(get_celery_app()))
+
+
+def _make_due(rows: list[tuple[Any, int]], cutoff: datetime, now: datetime) -> int:
+    """QUEUED to PENDING (due now) for ``rows`` (id, attempts), each only while it is still
+    QUEUED at that attempt and published up to ``cutoff``: a row published again since, or
+    claimed, is left alone."""
+    by_attempt: dict[int, list[Any]] = {}
+    for task_id, attempts in rows:
+        by_attempt.setdefault(attempts, []).append(task_id)
+    return sum(
+        TaskRecord.objects.filter(id__in=ids, attempts=attempts, published_at__lte=cutoff)
+        .transition((TaskState.QUEUED,), state=TaskState.PENDING, next_attempt_at=now)
+        for attempts, ids in by_attempt.items())
+
+
+def requeue_after_broker_loss(epoch: EpochCheck, now: datetime, batch_size: int,
                               budget: _Budget) -> int:
     """QUEUED rows published before the broker changed may be gone: make them due now.
 
-    ``since`` is the last time the old broker was seen; rows published after the new one
+    Goes on from pass to pass until none published up to the change (``requeue_before``, kept
+    in the database) is left, then clears the cutoff; rows published after the new server
     answered are safe. The claim makes the copies that did survive harmless.
     """
+    cutoff = epoch.requeue_before
+    assert cutoff is not None, "only called while a requeue is pending"
     requeued = 0
     while budget.left():
-        ids = list(TaskRecord.objects.filter(state=TaskState.QUEUED, adopted=False,
-                                             published_at__lte=now)
-                   .values_list("id", flat=True)[:batch_size])
-        if not ids:
+        rows = list(_queued_rows(cutoff).values_list("id", "attempts")[:batch_size])
+        if not rows:
+            requeue_done(epoch.name, cutoff)
             break
-        requeued += TaskRecord.objects.filter(id__in=ids).transition(
-            (TaskState.QUEUED,), state=TaskState.PENDING, next_attempt_at=now)
-        if len(ids) < batch_size:
-            break
+        requeued += _make_due(rows, cutoff, now)
     if requeued:
-        logger.warning("broker lost its data (new Redis run id since %s): %d queued task(s) "
-                       "will be published again", since.isoformat(), requeued)
+        logger.warning("broker lost its data (new Redis run id at %s): %d queued task(s) will "
+                       "be published again", cutoff.isoformat(), requeued)
+    return requeued
+
+
+#: Rows one look for missing messages checks at most, in batches of ``SWEEP_BATCH_SIZE``.
+_AUDIT_BATCHES = 20
+
+
+def requeue_missing_messages(broker: str, now: datetime, batch_size: int,
+                             budget: _Budget) -> int:
+    """QUEUED rows older than ``QUEUE_AUDIT_AGE`` whose message the broker no longer holds
+    (neither in a queue nor delivered to a worker) become due now; returns how many.
+
+    Runs at most once per ``QUEUE_AUDIT_AGE`` per broker, and at once again on the next pass
+    while a look left rows unchecked. A broker that cannot be listed (not Redis) or cannot be
+    reached changes nothing.
+    """
+    age = app_settings.QUEUE_AUDIT_AGE
+    if not age or not budget.left() or not start_audit(broker, now, age):
+        return 0
+    cutoff = now - timedelta(seconds=age)
+    limit = batch_size * _AUDIT_BATCHES
+    rows = _load_rows(_queued_rows(cutoff).order_by("published_at")[:limit])
+    if not rows:
+        return 0
+    app = get_celery_app()
+    try:
+        present = messages_present(app, {str(row.id) for row in rows}, queue_names(app, rows))
+    except Exception as exc:  # noqa: BLE001 - a broker that cannot be read changes nothing
+        logger.warning("sweep: could not look up queued messages in the broker: %r", exc)
+        return 0
+    if present is None:
+        return 0
+    if len(rows) == limit:
+        audit_again_soon(broker, now)
+    missing = [(row.id, row.attempts) for row in rows if str(row.id) not in present]
+    requeued = _make_due(missing, cutoff, now) if missing else 0
+    if requeued:
+        logger.warning("sweep: %d queued task(s) had no message left in the broker (purged, "
+                       "flushed or evicted); they will be published again", requeued)
     return requeued
 
 

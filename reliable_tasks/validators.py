@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 
-from reliable_tasks.celery_app import find_task, get_celery_app
+from reliable_tasks.celery_app import claims_its_row, find_task, get_celery_app
 from reliable_tasks.timing import ScheduleSpecError, parse_crontab, parse_timezone
 
 #: The publish options a schedule may carry.
@@ -14,11 +14,18 @@ SCHEDULE_OPTIONS = frozenset({"queue", "priority", "expires"})
 
 
 def validate_registered_task(name: str) -> None:
-    """The task must be registered with the project's Celery app."""
-    if not name or find_task(get_celery_app(), name) is None:
+    """The task must be a ``ReliableTask`` registered with the project's Celery app: each run
+    goes through the ledger, and only a ``ReliableTask`` claims its row when it runs."""
+    task = find_task(get_celery_app(), name) if name else None
+    if task is None:
         raise ValidationError(
             "Unknown task %(name)s: it is not registered with the Celery app.",
             code="unknown_task", params={"name": repr(name)})
+    if not claims_its_row(task):
+        raise ValidationError(
+            "Task %(name)s is a plain Celery task: a schedule's runs go through the ledger, "
+            "and only a ReliableTask claims its run when it starts (declare it with "
+            "base=ReliableTask).", code="not_reliable_task", params={"name": repr(name)})
 
 
 def validate_args(value: Any) -> None:

@@ -311,6 +311,31 @@ def test_a_tick_whose_database_connection_broke_keeps_the_run_due_and_the_next_r
     assert len(runs(schedule)) == 1
 
 
+@pytest.mark.parametrize("task", ["gone.task", "demo.plain_record"])
+def test_a_schedule_whose_task_cannot_run_stays_due_and_beat_goes_on(beat_scheduler, task,
+                                                                      caplog):
+    """A deploy removed the task, or it is a plain Celery task (the model refuses both, but
+    raw SQL or an older row may hold one): beat keeps running and the run stays due."""
+    broken = every(3600, "broken")
+    healthy = every(3600, "healthy")
+    scheduler = beat_scheduler()
+    scheduler.tick()
+    slot = make_due(redbeat_store.entry_name(broken.pk), 3600)
+    healthy_slot = make_due(redbeat_store.entry_name(healthy.pk), 3600)
+    PeriodicSchedule.objects.filter(pk=broken.pk).update(task=task)
+    before = stored(redbeat_store.entry_name(broken.pk))
+
+    scheduler.tick()
+
+    assert runs(broken) == []
+    assert stored(redbeat_store.entry_name(broken.pk)).last_run_at == before.last_run_at
+    assert [run.scheduled_for for run in runs(healthy)] == [healthy_slot]
+    assert f"schedule {broken.pk} cannot run" in caplog.text
+    PeriodicSchedule.objects.filter(pk=broken.pk).update(task="demo.record")
+    scheduler.tick()
+    assert [run.scheduled_for for run in runs(broken)] == [slot]
+
+
 @pytest.mark.skipif(connection.vendor == "sqlite",
                     reason="SQLite has no server that could end beat's session")
 def test_with_health_checks_the_tick_after_beat_lost_its_session_records_the_run(

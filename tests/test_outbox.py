@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 
 from example_project.demo.tasks import add, record
 from reliable_tasks import dispatch, dispatch_many
-from reliable_tasks.exceptions import PayloadError, UnknownTaskError
+from reliable_tasks.exceptions import NotReliableTaskError, PayloadError, UnknownTaskError
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.states import TaskState
 from reliable_tasks.sweeper import sweep
@@ -171,6 +171,19 @@ def test_rows_within_the_publish_grace_are_left_to_their_own_publish(redis_serve
 def test_unknown_task_name_is_refused_and_nothing_recorded(redis_server):
     with pytest.raises(UnknownTaskError, match="nope.missing"):
         dispatch("nope.missing", (1,))
+
+    assert TaskRecord.objects.count() == 0
+    assert queue_length(redis_server) == 0
+
+
+@pytest.mark.parametrize("task", ["demo.plain_record", "demo.plain_noop"])
+def test_a_plain_celery_task_is_refused_and_nothing_recorded(redis_server, task):
+    """Issue 16, item 1: nothing claims a plain task's row when it runs, so a re-publish (a
+    broker restart that kept the message, then a sweep) ran its body twice."""
+    with pytest.raises(NotReliableTaskError, match=f"{task}.*base=ReliableTask"):
+        dispatch(task, ("x",))
+    with pytest.raises(NotReliableTaskError):
+        dispatch_many([add.s(1, 1), (task, ())])
 
     assert TaskRecord.objects.count() == 0
     assert queue_length(redis_server) == 0

@@ -41,6 +41,7 @@ def make(**fields) -> PeriodicSchedule:
 @pytest.mark.parametrize("fields, field_in_error", [
     ({"crontab": "61 * * * *", "interval_seconds": None}, "crontab"),
     ({"task": "nope.missing"}, "task"),
+    ({"task": "demo.plain_record"}, "task"),  # a plain Celery task: nothing claims its runs
     ({"args": {"not": "a list"}}, "args"),
     ({"kwargs": [1, 2]}, "kwargs"),
     ({"crontab": "0 3 * * *", "interval_seconds": None, "timezone": "Mars/Olympus"},

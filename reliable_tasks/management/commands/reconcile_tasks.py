@@ -81,5 +81,6 @@ class Command(BaseCommand):
                 f"Ledger: {swept.published} republished, "
                 f"{swept.expired_leases_retried + swept.expired_leases_lost} recovered from "
                 f"dead workers, {swept.requeued_after_broker_loss} requeued after a broker "
-                f"loss, {swept.pruned} pruned.")
+                f"loss, {swept.requeued_missing_messages} requeued for a message gone from the "
+                f"broker, {swept.pruned} pruned.")
         self.stdout.write(self.style.SUCCESS(f"Done in {report.seconds:.2f}s."))
