@@ -83,7 +83,7 @@ def messages_present(app: Celery, task_ids: set[str], queues: Iterable[str]) -> 
     """The ids among ``task_ids`` whose message is in one of ``queues`` or delivered to a
     worker and not yet acknowledged; None when the broker cannot be listed (not Redis)."""
     with app.connection_for_write() as connection:
-        channel = connection.default_channel
+        channel: Any = connection.default_channel
         client = getattr(channel, "client", None)
         if client is None or not hasattr(channel, "_q_for_pri"):
             return None

@@ -44,7 +44,7 @@ def broker_name(app: Celery) -> str:
     and the database number; never a password."""
     connection = app.connection_for_write()
     try:
-        master = connection.transport_options.get("master_name")
+        master = (connection.transport_options or {}).get("master_name")
         if master:
             name = f"broker:sentinel:{master}/{connection.virtual_host or 0}"
         else:

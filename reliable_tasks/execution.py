@@ -121,11 +121,8 @@ class ReliableTask(DjangoTask):
             raise
         except Exception as exc:
             if claimed is not None and isinstance(exc, self._retry_for_classes()):
-                attempt = self._attempt(claimed)
-                if attempt < self._max_attempts(claimed):
-                    delay = backoff_seconds(
-                        attempt, float(self.retry_backoff), float(self.retry_backoff_max),
-                        bool(getattr(self, "retry_jitter", True)))
+                delay = self.retry_delay(exc, self._attempt(claimed), claimed.max_attempts)
+                if delay is not None:
                     raise self.retry(exc=exc, countdown=delay) from exc
             if claimed is not None:
                 self._store(ledger.record_failure, request.id, claimed, exc)
@@ -150,6 +147,18 @@ class ReliableTask(DjangoTask):
         return super().retry(args=args, kwargs=kwargs, exc=exc,  # type: ignore[arg-type]
                              throw=throw, eta=eta,
                              countdown=countdown, max_retries=max_retries, **options)
+
+    def retry_delay(self, exc: BaseException, attempt: int,
+                    max_attempts: int | None) -> float | None:
+        """Seconds before the next attempt after ``exc`` ended ``attempt``, or None when
+        ``exc`` is not retried (not in ``retry_for``) or the attempts are used up
+        (``max_attempts``: the row's own limit, else the task's)."""
+        if not isinstance(exc, self._retry_for_classes()):
+            return None
+        if attempt >= int(max_attempts or self.max_attempts):
+            return None
+        return backoff_seconds(attempt, float(self.retry_backoff), float(self.retry_backoff_max),
+                               bool(getattr(self, "retry_jitter", True)))
 
     # -- helpers ------------------------------------------------------------------------
 

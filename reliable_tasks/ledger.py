@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import traceback as traceback_module
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -228,6 +229,34 @@ def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
         state=TaskState.RETRY, next_attempt_at=next_attempt_at, lease_expires_at=None,
         history=_bounded(claimed.history, entry), **errors, **call_changes,
     ) == 1 or _already(task_id, claimed, TaskState.RETRY)
+
+
+def record_time_limit(task_id: str, *, worker: str, exc: BaseException, tb: str,
+                      retry_delay: Callable[[int, int | None], float | None]) -> bool:
+    """A hard time limit killed the attempt ``worker`` was running: RETRY after
+    ``retry_delay(attempt, row's max_attempts)`` seconds, or FAILURE when that is None.
+
+    Written by the worker's main process, which does not know the claim's start time: the
+    write names the row by id, worker and the attempt it read, from STARTED only.
+    """
+    row = (TaskRecord.objects.filter(id=task_id, state=TaskState.STARTED, worker=worker)
+           .values("attempts", "max_attempts", "history", "started_at").first())
+    if row is None:
+        return False
+    now = timezone.now()
+    attempt = Claim(won=True, worker=worker, started_at=row["started_at"],
+                    attempt=row["attempts"], history=list(row["history"] or []))
+    errors = _error_fields(exc, tb or None)
+    delay = retry_delay(row["attempts"], row["max_attempts"])
+    state = TaskState.FAILURE if delay is None else TaskState.RETRY
+    ending = ({"finished_at": now, "next_attempt_at": None} if delay is None
+              else {"next_attempt_at": now + timedelta(seconds=delay)})
+    entry = _history_entry(attempt, state, now,
+                           f"{errors['error_type']}: {errors['error_message']}")
+    return TaskRecord.objects.filter(
+        id=task_id, worker=worker, attempts=row["attempts"], started_at=row["started_at"],
+    ).transition((TaskState.STARTED,), state=state, lease_expires_at=None,
+                 history=_bounded(attempt.history, entry), **errors, **ending) == 1
 
 
 def record_revoked(task_id: str, *, expired: bool) -> bool:

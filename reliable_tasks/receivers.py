@@ -1,7 +1,8 @@
 """Celery signal receivers, connected once from ``AppConfig.ready()``.
 
 They translate Celery's signals into calls of the ledger services: plain Celery tasks are
-adopted, revocations are recorded for every task, and worker processes keep their database
+adopted, revocations are recorded for every task, a ``ReliableTask`` killed at its hard time
+limit is recorded from the worker's main process, and worker processes keep their database
 connection between tasks.
 """
 
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import signals
+from celery.exceptions import TimeLimitExceeded
 from celery.utils.dispatch import Signal
 from django.db import close_old_connections
 
 from reliable_tasks import adoption, db_retry, ledger
+from reliable_tasks.celery_app import claims_its_row
 from reliable_tasks.conf import app_settings
 from reliable_tasks.states import TaskState
 
@@ -78,8 +81,13 @@ def on_task_success(sender: Any = None, **_: Any) -> None:
 def on_task_failure(sender: Any = None, task_id: str | None = None,
                     exception: BaseException | None = None, einfo: Any = None,
                     **_: Any) -> None:
-    """Record a plain task's failure."""
-    if sender is None or _is_reliable(sender) or sender.request.called_directly:
+    """Record a plain task's failure, and a ``ReliableTask`` killed by its hard time limit."""
+    if sender is None:
+        return
+    if isinstance(exception, TimeLimitExceeded) and claims_its_row(sender) and task_id:
+        _record_time_limit(sender, task_id, exception, getattr(einfo, "traceback", "") or "")
+        return
+    if _is_reliable(sender) or sender.request.called_directly:
         return
     adoption.adopt_finished(task_id, sender.name, TaskState.FAILURE, exception,
                             getattr(einfo, "traceback", "") or "")
@@ -94,21 +102,39 @@ def on_task_retry(sender: Any = None, request: Any = None, reason: Any = None,
     adoption.adopt_finished(request.id, sender.name, TaskState.RETRY, error)
 
 
+def _record_time_limit(task: Any, task_id: str, exc: TimeLimitExceeded, tb: str) -> None:
+    """The pool process running ``task_id`` was killed at its hard time limit.
+
+    Celery reports it from the worker's main process, where the claim is unknown: the row is
+    found by its id and this worker's name, and ends RETRY or FAILURE by the task's own
+    policy (``retry_for``, ``max_attempts``).
+    """
+    thread = _heartbeat.get("thread")
+    worker = getattr(thread, "hostname", "") or str(getattr(task.request, "hostname", "") or "")
+    logger.warning("%s[%s]: killed at its hard time limit; recording it", task.name, task_id)
+
+    def delay(attempt: int, max_attempts: int | None) -> float | None:
+        return task.retry_delay(exc, attempt, max_attempts)
+
+    _write_from_main_process(lambda: ledger.record_time_limit(
+        task_id, worker=worker, exc=exc, tb=tb, retry_delay=delay),
+        f"the time limit of {task_id}")
+
+
 def on_task_revoked(sender: Any = None, request: Any = None, expired: bool = False,
                     **_: Any) -> None:
-    """Record a revoked or expired task (any task class).
-
-    This runs in the worker's main process, which must not wait for a database that is down:
-    a write the database does not take now is handed to the heartbeat thread, which stores it
-    at its next beat, or the first one after the database is back.
-    """
+    """Record a revoked or expired task (any task class)."""
     task_id = getattr(request, "id", None)
     if not task_id:
         return
+    _write_from_main_process(lambda: ledger.record_revoked(task_id, expired=bool(expired)),
+                             f"the revocation of {task_id}")
 
-    def write() -> object:
-        return ledger.record_revoked(task_id, expired=bool(expired))
 
+def _write_from_main_process(write: Callable[[], object], what: str) -> None:
+    """Store ``write`` from the worker's main process, which must not wait for a database
+    that is down: a write the database does not take now is handed to the heartbeat thread,
+    which stores it at its next beat, or the first one after the database is back."""
     close_old_connections()
     try:
         write()
@@ -117,8 +143,8 @@ def on_task_revoked(sender: Any = None, request: Any = None, expired: bool = Fal
         thread = _heartbeat.get("thread")
         if thread is None:
             raise
-        logger.warning("recording the revocation of %s failed; the heartbeat stores it later",
-                       task_id, exc_info=True)
+        logger.warning("recording %s failed; the heartbeat stores it later", what,
+                       exc_info=True)
         thread.defer(write)
 
 

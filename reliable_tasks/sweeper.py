@@ -157,16 +157,18 @@ def expire_leases(now: datetime, batch_size: int, budget: _Budget) -> tuple[int,
                                  "max_attempts")[:batch_size])
         if not rows:
             break
-        by_outcome: dict[str, list[Any]] = {outcome: [] for outcome in _LEASE_OUTCOMES}
+        # Each UPDATE names the attempt its outcome was judged on: a redelivery that took the
+        # row over meanwhile (attempts + 1, a new lease) is left alone.
+        by_outcome: dict[tuple[str, int], list[Any]] = {}
         for task_id, task_name, adopted, attempts, max_attempts in rows:
-            by_outcome[_lease_outcome(task_name, adopted, attempts, max_attempts)].append(task_id)
-        for outcome, ids in by_outcome.items():
-            if not ids:
-                continue
+            outcome = _lease_outcome(task_name, adopted, attempts, max_attempts)
+            by_outcome.setdefault((outcome, attempts), []).append(task_id)
+        for (outcome, attempts), ids in by_outcome.items():
             state, message = _LEASE_OUTCOMES[outcome]
             ending = ({"next_attempt_at": now} if state == TaskState.RETRY
                       else {"finished_at": now})
-            changed = TaskRecord.objects.filter(id__in=ids).lease_expired(now).update(
+            changed = TaskRecord.objects.filter(
+                id__in=ids, attempts=attempts).lease_expired(now).update(
                 state=state, lease_expires_at=None, error_type="reliable_tasks.WorkerLost",
                 error_message=message, **ending)
             if state == TaskState.RETRY:

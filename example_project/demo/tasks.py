@@ -9,6 +9,7 @@ import os
 import time
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.db import connection
 
 from example_project.demo.models import Execution
@@ -148,3 +149,30 @@ def spin_record(self: ReliableTask, token: str, seconds: float) -> str:
         pass
     Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
     return token
+
+
+def _sleep_then_record(task: ReliableTask, token: str, seconds: float) -> str:
+    time.sleep(seconds)
+    Execution.objects.create(token=token, task_id=task.request.id or "", pid=os.getpid())
+    return token
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.overrun", time_limit=1.5)
+def overrun(self: ReliableTask, token: str, seconds: float) -> str:
+    """Sleep ``seconds``, then log one execution; the pool process is killed after 1.5 s."""
+    return _sleep_then_record(self, token, seconds)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.overrun_retried", time_limit=1.5,
+             retry_for=(TimeLimitExceeded,), max_attempts=2, retry_backoff=0)
+def overrun_retried(self: ReliableTask, token: str, seconds: float) -> str:
+    """``overrun`` for a task that retries a hard time limit, twice in all."""
+    return _sleep_then_record(self, token, seconds)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.soft_overrun", soft_time_limit=1,
+             retry_for=(SoftTimeLimitExceeded,), max_attempts=2, retry_backoff=0)
+def soft_overrun(self: ReliableTask, token: str, seconds: float) -> str:
+    """Sleep ``seconds``; after 1 s Celery raises ``SoftTimeLimitExceeded`` in the body,
+    which is retried once."""
+    return _sleep_then_record(self, token, seconds)
