@@ -267,7 +267,8 @@ def check_broker(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
     if policy != SAFE_EVICTION_POLICY:
         messages.append(checks.Error(
             f"The broker's Redis has maxmemory-policy {policy!r}: when it fills up it deletes "
-            f"queued messages and nothing notices (the ledger keeps them QUEUED).",
+            f"queued messages, which the sweeper's queue audit publishes again only "
+            f"RELIABLE_TASKS_QUEUE_AUDIT_AGE later.",
             hint="Set `maxmemory-policy noeviction` in redis.conf (or your provider's parameter "
                  "group): a full Redis then refuses writes, which the outbox survives.",
             id="reliable_tasks.E004"))
