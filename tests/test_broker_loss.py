@@ -92,7 +92,9 @@ def test_two_apps_on_two_brokers_sharing_a_ledger_each_keep_their_own_epoch(
             first = sweep()
             with broker(other):
                 second = sweep()
-            assert not first.broker_changed and not second.broker_changed
+            epochs = list(BrokerEpoch.objects.values_list("name", "run_id"))
+            assert not first.broker_changed and not second.broker_changed, (
+                f"epochs {epochs}; servers {redis_server.run_id()} and {other.run_id()}")
             assert first.requeued_after_broker_loss == second.requeued_after_broker_loss == 0
         assert BrokerEpoch.objects.count() == 2
         assert other.client().llen("celery") == 1
