@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 from celery import Celery
 from django.db.models import Q
+from kombu import Connection
 
 from reliable_tasks.celery_app import get_celery_app
 from reliable_tasks.models import BrokerEpoch
@@ -42,11 +44,17 @@ class EpochCheck:
 def broker_name(app: Celery) -> str:
     """The ``BrokerEpoch`` name of the app's broker: Sentinel master name or host and port,
     and the database number; never a password."""
-    connection = app.connection_for_write()
+    options = app.conf.broker_transport_options or {}
+    return _name_of(str(app.conf.broker_write_url or app.conf.broker_url),
+                    str(options.get("master_name") or ""))
+
+
+@lru_cache(maxsize=16)
+def _name_of(url: str, master_name: str) -> str:
+    connection = Connection(url)
     try:
-        master = (connection.transport_options or {}).get("master_name")
-        if master:
-            name = f"broker:sentinel:{master}/{connection.virtual_host or 0}"
+        if master_name:
+            name = f"broker:sentinel:{master_name}/{connection.virtual_host or 0}"
         else:
             name = (f"broker:{connection.transport_cls}://{connection.hostname}:"
                     f"{connection.port or ''}/{connection.virtual_host or 0}")

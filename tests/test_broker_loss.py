@@ -162,3 +162,16 @@ def test_no_audit_when_it_is_off_or_the_broker_is_down(redis_server, settings):
     redis_server.stop()
     assert sweep(now=later).requeued_missing_messages == 0
     assert states([record]) == [TaskState.QUEUED]
+
+
+def test_a_broker_is_named_by_its_host_or_sentinel_master_and_never_its_password():
+    from reliable_tasks.broker_epoch import broker_name
+    from reliable_tasks.sentinel import celery_settings
+
+    plain = {"broker_url": "redis://:s3cret@10.0.0.5:6380/2", "broker_transport_options": {}}
+    with celery_app_using(celery_app, plain):
+        assert broker_name(celery_app) == "broker:redis://10.0.0.5:6380/2"
+    sentinel = celery_settings([("10.0.0.7", 26379), ("10.0.0.8", 26379)], "orders", db=3,
+                               password="s3cret")
+    with celery_app_using(celery_app, sentinel):
+        assert broker_name(celery_app) == "broker:sentinel:orders/3"
