@@ -294,9 +294,9 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
                 f"Task {record.task_name}[{record.pk}] is {record.state}: it can be retried "
                 f"only from {', '.join(sorted(allowed))}{hint}")
         now = timezone.now()
-        budget = record.max_attempts or _task_max_attempts(record.task_name)
+        budget = _fresh_budget(record)
         entry = {"manual_retry": True, "from_state": record.state, "at": now.isoformat(),
-                 "by": str(by) if by is not None else None}
+                 "by": str(by) if by is not None else None, "budget": budget}
         previous_state = record.state
         changed = TaskRecord.objects.filter(pk=record.pk).transition(
             (previous_state,),
@@ -312,6 +312,19 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
         _audit_manual_retry(record, by, previous_state)
         publish_on_commit([record])
     return record
+
+
+def _fresh_budget(record: TaskRecord) -> int:
+    """The attempts a manual retry gives: those the task was dispatched with.
+
+    After a manual retry the row's ``max_attempts`` counts the attempts made before it too,
+    so the budget is read from the last retry's history entry (or, where the bounded history
+    no longer holds it, is the task's own).
+    """
+    retries = [entry for entry in record.history or [] if entry.get("manual_retry")]
+    if not retries:
+        return record.max_attempts or _task_max_attempts(record.task_name)
+    return int(retries[-1].get("budget") or _task_max_attempts(record.task_name))
 
 
 def _task_max_attempts(task_name: str) -> int:

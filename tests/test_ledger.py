@@ -167,3 +167,16 @@ def test_a_redelivery_takes_over_an_expired_lease_only_while_attempts_are_left(
     row.refresh_from_db()
     assert row.state == state
     assert row.attempts == (attempts + 1 if won else attempts)
+
+
+def test_every_manual_retry_gives_the_budget_the_task_was_dispatched_with():
+    """Found by the state-machine model: a second manual retry took the row's max_attempts,
+    which the first had raised to count the attempts before it, as its budget."""
+    row = make_row(TaskState.FAILURE, attempts=1, max_attempts=2)
+
+    ledger.retry(row)
+    TaskRecord.objects.filter(pk=row.pk).update(state=TaskState.FAILURE, attempts=2)
+    again = ledger.retry(row)
+
+    assert again.max_attempts == 2 + 2
+    assert [entry["budget"] for entry in again.history if entry.get("manual_retry")] == [2, 2]
