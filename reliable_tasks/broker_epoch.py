@@ -53,7 +53,8 @@ def broker_name(app: Celery) -> str:
 def _name_of(url: str, master_name: str) -> str:
     connection = Connection(url)
     try:
-        if master_name:
+        # A master name in the transport options means nothing to a plain redis:// URL.
+        if master_name and connection.transport_cls == "sentinel":
             name = f"broker:sentinel:{master_name}/{connection.virtual_host or 0}"
         else:
             name = (f"broker:{connection.transport_cls}://{connection.hostname}:"

@@ -168,7 +168,8 @@ def test_a_broker_is_named_by_its_host_or_sentinel_master_and_never_its_password
     from reliable_tasks.broker_epoch import broker_name
     from reliable_tasks.sentinel import celery_settings
 
-    plain = {"broker_url": "redis://:s3cret@10.0.0.5:6380/2", "broker_transport_options": {}}
+    plain = {"broker_url": "redis://:s3cret@10.0.0.5:6380/2",
+             "broker_transport_options": {"master_name": "left over"}}
     with celery_app_using(celery_app, plain):
         assert broker_name(celery_app) == "broker:redis://10.0.0.5:6380/2"
     sentinel = celery_settings([("10.0.0.7", 26379), ("10.0.0.8", 26379)], "orders", db=3,
