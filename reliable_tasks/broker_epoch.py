@@ -39,6 +39,8 @@ class EpochCheck:
     previous_since: datetime | None = None
     #: QUEUED rows published up to this time still wait for their requeue (None: none wait).
     requeue_before: datetime | None = None
+    #: When the last look for missing messages began, as read (None: never).
+    audited_at: datetime | None = None
 
 
 def broker_name(app: Celery) -> str:
@@ -74,7 +76,8 @@ def check_broker_epoch(now: datetime) -> EpochCheck:
         logger.warning("could not read the broker's run id: %r", exc)
         known = BrokerEpoch.objects.filter(name=name).first()
         return EpochCheck(name=name, changed=False,
-                          requeue_before=known.requeue_before if known else None)
+                          requeue_before=known.requeue_before if known else None,
+                          audited_at=known.audited_at if known else None)
     return record_epoch(name, run_id, now)
 
 
@@ -97,12 +100,13 @@ def record_epoch(name: str, run_id: str, now: datetime) -> EpochCheck:
         return EpochCheck(name=name, changed=False, run_id=run_id)
     if known.run_id == run_id:
         return EpochCheck(name=name, changed=False, run_id=run_id,
-                          requeue_before=known.requeue_before)
+                          requeue_before=known.requeue_before, audited_at=known.audited_at)
     won = BrokerEpoch.objects.filter(name=name, run_id=known.run_id).update(
         run_id=run_id, seen_since=now, requeue_before=now)
     return EpochCheck(name=name, changed=won == 1, run_id=run_id,
                       previous_since=known.seen_since,
-                      requeue_before=now if won else known.requeue_before)
+                      requeue_before=now if won else known.requeue_before,
+                      audited_at=known.audited_at)
 
 
 def requeue_done(name: str, cutoff: datetime) -> bool:

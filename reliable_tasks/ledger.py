@@ -166,7 +166,14 @@ def _history_entry(claimed: Claim, outcome: str, now: datetime,
 
 
 def _bounded(history: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*history, entry][-app_settings.HISTORY_LIMIT:]
+    """The last ``HISTORY_LIMIT`` entries, and the last manual retry if it fell out of them
+    (the next manual retry reads its budget there)."""
+    everything = [*history, entry]
+    kept = everything[-app_settings.HISTORY_LIMIT:]
+    retries = [item for item in everything if item.get("manual_retry")]
+    if retries and not any(item.get("manual_retry") for item in kept):
+        kept = [retries[-1], *kept]
+    return kept
 
 
 def _error_fields(exc: BaseException, tb: str | None) -> dict[str, str]:
@@ -301,7 +308,7 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
         changed = TaskRecord.objects.filter(pk=record.pk).transition(
             (previous_state,),
             state=TaskState.PENDING, max_attempts=record.attempts + budget,
-            finished_at=None, lease_expires_at=None,
+            finished_at=None, lease_expires_at=None, worker="", started_at=None,
             next_attempt_at=now + timedelta(seconds=app_settings.PUBLISH_GRACE),
             eta=None, expires_at=None, publish_error="",
             history=_bounded(list(record.history or []), entry),

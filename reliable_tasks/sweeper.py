@@ -110,8 +110,7 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
     if epoch.requeue_before is not None:
         report.requeued_after_broker_loss = requeue_after_broker_loss(
             epoch, now, batch_size, budget)
-    report.requeued_missing_messages = requeue_missing_messages(
-        epoch.name, now, batch_size, budget)
+    report.requeued_missing_messages = requeue_missing_messages(epoch, now, batch_size, budget)
     report.published, report.publish_failed = publish_due_rows(now, batch_size, budget)
     report.schedules_pushed = push_marked(batch_size).pushed if budget.left() else 0
     report.pruned = prune_finished(now, batch_size, budget)
@@ -228,7 +227,7 @@ def requeue_after_broker_loss(epoch: EpochCheck, now: datetime, batch_size: int,
 _AUDIT_BATCHES = 20
 
 
-def requeue_missing_messages(broker: str, now: datetime, batch_size: int,
+def requeue_missing_messages(epoch: EpochCheck, now: datetime, batch_size: int,
                              budget: _Budget) -> int:
     """QUEUED rows older than ``QUEUE_AUDIT_AGE`` whose message the broker no longer holds
     (neither in a queue nor delivered to a worker) become due now; returns how many.
@@ -238,7 +237,12 @@ def requeue_missing_messages(broker: str, now: datetime, batch_size: int,
     reached changes nothing.
     """
     age = app_settings.QUEUE_AUDIT_AGE
-    if not age or not budget.left() or not start_audit(broker, now, age):
+    if not age or not budget.left():
+        return 0
+    if epoch.audited_at is not None and epoch.audited_at > now - timedelta(seconds=age):
+        return 0  # looked lately, as the epoch row read this pass says: no UPDATE needed
+    broker = epoch.name
+    if not start_audit(broker, now, age):
         return 0
     cutoff = now - timedelta(seconds=age)
     limit = batch_size * _AUDIT_BATCHES

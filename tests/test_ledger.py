@@ -180,3 +180,25 @@ def test_every_manual_retry_gives_the_budget_the_task_was_dispatched_with():
 
     assert again.max_attempts == 2 + 2
     assert [entry["budget"] for entry in again.history if entry.get("manual_retry")] == [2, 2]
+
+
+def test_a_late_outcome_of_an_attempt_from_before_a_manual_retry_moves_nothing():
+    """Found by the state-machine model: retry() kept the old claim's worker and start time,
+    so that attempt's late success turned the retried row into SUCCESS unrun."""
+    row = make_row()
+    old = claim(row)
+    ledger.record_revoked(str(row.id), expired=False)
+    ledger.retry(row)
+    TaskRecord.objects.filter(pk=row.pk).update(state=TaskState.QUEUED)  # its publish
+
+    assert not ledger.record_success(str(row.id), old)
+    assert not ledger.record_failure(str(row.id), old, ValueError("late"))
+    assert TaskRecord.objects.get(pk=row.pk).state == TaskState.QUEUED
+
+
+def test_the_budget_survives_a_history_shorter_than_the_attempts(settings):
+    settings.RELIABLE_TASKS_HISTORY_LIMIT = 1
+    row = make_row(TaskState.QUEUED, max_attempts=1)
+    for expected_limit in (2, 3, 4):
+        ledger.record_failure(str(row.id), claim(row), ValueError("boom"))
+        assert ledger.retry(row).max_attempts == expected_limit
