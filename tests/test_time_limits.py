@@ -8,9 +8,6 @@ lease expired, then LOST).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
@@ -19,20 +16,12 @@ from reliable_tasks import dispatch
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.states import TaskState
 from reliable_tasks.sweeper import sweep
+from tests.test_execution import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 #: Leases far longer than the test: the outcome must come from the time limit, not from expiry.
 LONG_LEASE = {"RELIABLE_TASKS_LEASE_TIMEOUT": "300"}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def state_of(row: TaskRecord) -> str:
