@@ -36,7 +36,6 @@ class EpochCheck:
     name: str
     changed: bool
     run_id: str | None = None
-    previous_since: datetime | None = None
     #: QUEUED rows published up to this time still wait for their requeue (None: none wait).
     requeue_before: datetime | None = None
     #: When the last look for missing messages began, as read (None: never).
@@ -104,7 +103,6 @@ def record_epoch(name: str, run_id: str, now: datetime) -> EpochCheck:
     won = BrokerEpoch.objects.filter(name=name, run_id=known.run_id).update(
         run_id=run_id, seen_since=now, requeue_before=now)
     return EpochCheck(name=name, changed=won == 1, run_id=run_id,
-                      previous_since=known.seen_since,
                       requeue_before=now if won else known.requeue_before,
                       audited_at=known.audited_at)
 

@@ -179,12 +179,12 @@ def expire_leases(now: datetime, batch_size: int, budget: _Budget) -> tuple[int,
     return retried, lost
 
 
-def _queued_rows(cutoff: datetime) -> TaskRecordQuerySet:
-    """QUEUED rows published by the outbox up to ``cutoff``, of this app's reliable tasks (a
-    ledger shared with another app holds rows this app's broker never saw)."""
+def _queued_rows(cutoff: datetime, task_names: list[str]) -> TaskRecordQuerySet:
+    """QUEUED rows published by the outbox up to ``cutoff``, of ``task_names`` (this app's
+    reliable tasks: a ledger shared with another app holds rows this app's broker never saw)."""
     return TaskRecord.objects.filter(
         state=TaskState.QUEUED, adopted=False, published_at__lte=cutoff,
-        task_name__in=reliable_task_names(get_celery_app()))
+        task_name__in=task_names)
 
 
 def _make_due(rows: list[tuple[Any, int]], cutoff: datetime, now: datetime) -> int:
@@ -210,9 +210,10 @@ def requeue_after_broker_loss(epoch: EpochCheck, now: datetime, batch_size: int,
     """
     cutoff = epoch.requeue_before
     assert cutoff is not None, "only called while a requeue is pending"
+    task_names = reliable_task_names(get_celery_app())
     requeued = 0
     while budget.left():
-        rows = list(_queued_rows(cutoff).values_list("id", "attempts")[:batch_size])
+        rows = list(_queued_rows(cutoff, task_names).values_list("id", "attempts")[:batch_size])
         if not rows:
             requeue_done(epoch.name, cutoff)
             break
@@ -246,10 +247,11 @@ def requeue_missing_messages(epoch: EpochCheck, now: datetime, batch_size: int,
         return 0
     cutoff = now - timedelta(seconds=age)
     limit = batch_size * _AUDIT_BATCHES
-    rows = _load_rows(_queued_rows(cutoff).order_by("published_at")[:limit])
+    app = get_celery_app()
+    rows = _load_rows(_queued_rows(cutoff, reliable_task_names(app))
+                      .order_by("published_at")[:limit])
     if not rows:
         return 0
-    app = get_celery_app()
     try:
         present = messages_present(app, {str(row.id) for row in rows}, queue_names(app, rows))
     except Exception as exc:  # noqa: BLE001 - a broker that cannot be read changes nothing
