@@ -25,6 +25,7 @@ from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
 from reliable_tasks.models import TaskRecord
+from reliable_tasks.pulse import leases_may_expire, touch
 from reliable_tasks.querysets import TaskRecordQuerySet
 from reliable_tasks.states import CLAIMABLE_STATES, MANUALLY_RETRYABLE_STATES, TaskState
 
@@ -62,7 +63,9 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
     task has not expired. Otherwise the row is read to decide: a STARTED row whose lease expired
     is taken over when the task may re-run after its worker died and has attempts left (the
     row's ``max_attempts``, else ``max_attempts`` given here, else the setting), and becomes
-    LOST when it has none; an expired task becomes
+    LOST when it has none, unless the database came back from an outage less than a lease ago
+    (``pulse``: the lease may have run out only because its worker could not renew it, and the
+    delivery loses as under a live lease); an expired task becomes
     EXPIRED; a row that does not exist (sent around the outbox, or pruned) is recorded as
     started by this delivery; a finished task, or one running under a live lease, loses, and
     the skipped delivery is counted. Leases and expiry are judged by the database's clock.
@@ -96,6 +99,11 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
             CLAIMABLE_STATES, state=TaskState.EXPIRED, finished_at=now)
         return Claim(won=False, reason=f"expired at {row['expires_at'].isoformat()}")
     lease_expired = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
+    if state == TaskState.STARTED and lease_expired and rerun_after_lost and (
+            not leases_may_expire(now, touch(now))):
+        # The lease may have run out only because the database was away: its worker is
+        # probably alive and renews it at its next heartbeat (as the sweeper judges, pulse).
+        return Claim(won=False, reason="its lease ran out during a database outage")
     limit = row["max_attempts"] or max_attempts or app_settings.MAX_ATTEMPTS
     if state == TaskState.STARTED and lease_expired and rerun_after_lost and (
             row["attempts"] >= limit):

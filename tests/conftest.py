@@ -116,7 +116,8 @@ def _celery_app_using(url: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _pointed_at(url: str) -> Iterator[None]:
     """Point the Django settings and the Celery app at the Redis at ``url`` for the block."""
-    with override_settings(**dict.fromkeys(_SETTINGS_URL_NAMES, url)), _celery_app_using(url):
+    # The app saves its own values before Django's settings, which it reads live, are overridden.
+    with _celery_app_using(url), override_settings(**dict.fromkeys(_SETTINGS_URL_NAMES, url)):
         yield
 
 
@@ -276,7 +277,9 @@ def _pointed_at_topology(topology: SentinelTopology) -> Iterator[None]:
         **as_django_settings(conf),
     }
     close_publisher()
-    with override_settings(**django_names), celery_app_using(celery_app, conf):
+    # The app reads Django's settings live: it saves its own values before they are overridden,
+    # else it would "restore" the topology's afterwards.
+    with celery_app_using(celery_app, conf), override_settings(**django_names):
         try:
             yield
         finally:

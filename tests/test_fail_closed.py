@@ -237,6 +237,33 @@ def test_no_lease_expires_until_a_whole_lease_after_the_ledger_was_unreachable(
     assert TaskRecord.objects.get(pk=row.pk).state == TaskState.LOST
 
 
+def test_a_redelivery_does_not_take_over_a_lease_that_ran_out_in_an_outage(settings):
+    settings.RELIABLE_TASKS_LEASE_TIMEOUT = 30
+    row = expired_lease_row()
+    now = database_now()
+    LedgerPulse.objects.create(name=PULSE_NAME, last_seen_at=now - timedelta(minutes=10),
+                               steady_since=now - timedelta(hours=1))
+
+    held = ledger.claim(str(row.pk), task_name="demo.record", worker="w2",
+                        rerun_after_lost=True)
+
+    assert not held.won
+    assert "outage" in held.reason
+    stored = TaskRecord.objects.get(pk=row.pk)
+    assert (stored.state, stored.worker, stored.attempts) == (TaskState.STARTED, "w1", 0)
+    # The claim's own touch recorded the gap: the pulse is steady from now on.
+    assert LedgerPulse.objects.get(name=PULSE_NAME).steady_since >= now
+
+    # A whole lease later (heartbeats kept touching the pulse), the redelivery takes it over.
+    LedgerPulse.objects.filter(name=PULSE_NAME).update(
+        last_seen_at=database_now(), steady_since=database_now() - timedelta(seconds=31))
+    taken = ledger.claim(str(row.pk), task_name="demo.record", worker="w2",
+                         rerun_after_lost=True)
+
+    assert taken.won
+    assert TaskRecord.objects.get(pk=row.pk).worker == "w2"
+
+
 def test_a_steady_ledger_expires_leases_at_once(shared_redis):
     row = expired_lease_row()
     touch(database_now())
