@@ -49,7 +49,8 @@ def _stored_or_empty(value: Any, empty: Any) -> Any:
 
 def _upsert(task_id: str, task_name: str, state: str, from_states: Iterable[str],
             **fields: Any) -> None:
-    changed = TaskRecord.objects.filter(id=task_id).transition(from_states, state=state, **fields)
+    changed = TaskRecord.objects.filter(id=task_id).transition(
+        from_states, state=state, task_name=task_name, **fields)
     if changed:
         return
     TaskRecord.objects.bulk_create(
@@ -77,14 +78,14 @@ def adopt_published(task_id: Any, task_name: str, args: Any, kwargs: Any, queue:
 
 
 def adopt_started(task_id: Any, task_name: str, worker: str) -> None:
-    """A plain task started on a worker."""
+    """A plain task started on a worker (a plain replacement takes its REPLACED row over)."""
     valid_id = _valid_id(task_id)
     if valid_id is None:
         return
     now = timezone.now()
     _guarded(lambda: _upsert(
         valid_id, task_name, TaskState.STARTED,
-        (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY),
+        (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.REPLACED),
         started_at=now, worker=worker,
     ), f"started {task_name}[{valid_id}]")
 

@@ -22,23 +22,19 @@ from uuid import UUID
 from celery.contrib.django.task import DjangoTask
 from celery.exceptions import Ignore, Reject, Retry
 from celery.result import AsyncResult
+from django.db import transaction
 from django.utils import timezone
 
 from reliable_tasks import db_retry, ledger
+from reliable_tasks.calling import record_call
 from reliable_tasks.conf import app_settings
 from reliable_tasks.models import TaskRecord
-from reliable_tasks.outbox import dispatch, publish_records
+from reliable_tasks.outbox import publish_records
 from reliable_tasks.payload import to_stored
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: Options of ``apply_async`` that only make sense for an immediate publish; the outbox
-#: publishes later over its own connection, so it drops them.
-_RUNTIME_ONLY_OPTIONS = ("producer", "connection", "router", "result_cls", "add_to_parent",
-                         "publisher", "retry", "retry_policy")
-
 
 class _SettingDefault:
     """A class attribute that reads its default from the app's settings until overridden."""
@@ -78,33 +74,39 @@ class ReliableTask(DjangoTask):
     retry_on_lost = False
     #: Its execution claims the ledger row (``dispatch()`` accepts only such tasks).
     claims_its_row = True
-    #: Attempts are limited by ``max_attempts`` in the ledger, not by Celery's counter.
-    max_retries = None
 
     # -- calling side -------------------------------------------------------------------
 
     def apply_async(self, args: Any = None, kwargs: Any = None, task_id: str | None = None,
                     producer: Any = None, link: Any = None, link_error: Any = None,
                     shadow: Any = None, **options: Any) -> AsyncResult:
-        """Record the call in the ledger; it is published when the transaction commits."""
+        """Record the call in the ledger; it is published when the transaction commits.
+
+        Celery's call-time checks and bookkeeping run as for any task (``calling``). Under
+        ``task_always_eager`` the call is Celery's own: it runs here and now and returns its
+        ``EagerResult``.
+        """
         retrying = getattr(self.request, "reliable_retry", None)
         if retrying is not None and task_id is not None and task_id == self.request.id:
             return self._publish_retry(args, kwargs, task_id, options, retrying)
-        for key in _RUNTIME_ONLY_OPTIONS:
-            options.pop(key, None)
-        extra = {"link": link, "link_error": link_error, "shadow": shadow}
-        options.update({key: value for key, value in extra.items() if value is not None})
-        record = dispatch(self, args, kwargs, task_id=task_id, **options)
-        return self.AsyncResult(str(record.pk))
+        if self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error,
+                                       shadow, **options)
+        return record_call(self, args, kwargs, task_id, producer, link, link_error, shadow,
+                           options)
 
     def delay_on_commit(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Record now, in the current transaction; the outbox publishes on commit."""
-        dispatch(self, args, kwargs)
+        self.apply_async_on_commit(args, kwargs)
 
     def apply_async_on_commit(  # type: ignore[override]
             self, *args: Any, **kwargs: Any) -> None:
-        """Same as ``apply_async``: the outbox already publishes on commit."""
-        self.apply_async(*args, **kwargs)
+        """Same as ``apply_async``: the outbox already publishes on commit (under
+        ``task_always_eager``, Celery's: the task runs when the transaction commits)."""
+        if self.app.conf.task_always_eager:
+            super().apply_async_on_commit(*args, **kwargs)
+        else:
+            self.apply_async(*args, **kwargs)
 
     # -- worker side --------------------------------------------------------------------
 
@@ -117,13 +119,26 @@ class ReliableTask(DjangoTask):
         request.reliable_retry = None
         try:
             retval = self.run(*args, **kwargs)
-        except (Retry, Ignore, Reject):
+        except Retry:
+            raise
+        except Ignore as exc:
+            # After a replace() the row is the replacement's already and this writes nothing.
+            if claimed is not None:
+                self._store(ledger.record_ignored, request.id, claimed, exc)
+            raise
+        except Reject as exc:
+            if claimed is not None:
+                requeue = bool(getattr(exc, "requeue", False))
+                self._store(ledger.record_rejected, request.id, claimed, exc, requeue)
             raise
         except Exception as exc:
             if claimed is not None and isinstance(exc, self._retry_for_classes()):
-                delay = self.retry_delay(exc, self._attempt(claimed), claimed.max_attempts)
+                attempt = self._attempt(claimed)
+                delay = self.retry_delay(exc, attempt, claimed.max_attempts)
                 if delay is not None:
-                    raise self.retry(exc=exc, countdown=delay) from exc
+                    # The attempts decide (max_attempts), not Celery's max_retries.
+                    raise self.retry(exc=exc, countdown=delay,
+                                     max_retries=request.retries + 1) from exc
             if claimed is not None:
                 self._store(ledger.record_failure, request.id, claimed, exc)
             raise
@@ -134,19 +149,23 @@ class ReliableTask(DjangoTask):
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
               throw: bool = True, eta: datetime | None = None, countdown: float | None = None,
               max_retries: int | None = None, **options: Any) -> Retry:
-        """Celery's ``retry()``, limited by ``max_attempts`` and recorded in the ledger."""
-        claimed = getattr(self.request, "reliable_claim", None)
-        attempt = self._attempt(claimed)
-        if claimed is not None and attempt >= self._max_attempts(claimed):
-            if exc is not None:
-                raise exc
-            raise self.MaxRetriesExceededError(
-                f"{self.name}[{self.request.id}] used its {attempt} attempts")
+        """Celery's ``retry()`` (limited by Celery's ``max_retries``), recorded in the ledger."""
         request: Any = self.request
         request.reliable_retry = exc if exc is not None else Retry()
         return super().retry(args=args, kwargs=kwargs, exc=exc,  # type: ignore[arg-type]
                              throw=throw, eta=eta,
                              countdown=countdown, max_retries=max_retries, **options)
+
+    def on_replace(self, sig: Any) -> Any:
+        """Celery's ``replace()``: the row goes REPLACED, naming the replacement, in the same
+        transaction that records the replacement (frozen with this task's id, it takes the row
+        over when it is dispatched: at once, or when a chain it ends reaches it)."""
+        claimed = getattr(self.request, "reliable_claim", None)
+        if claimed is None or self.request.is_eager:
+            return super().on_replace(sig)
+        with transaction.atomic():
+            self._store(ledger.record_replaced, self.request.id, claimed, repr(sig))
+            return super().on_replace(sig)
 
     def retry_delay(self, exc: BaseException, attempt: int,
                     max_attempts: int | None) -> float | None:
@@ -168,10 +187,6 @@ class ReliableTask(DjangoTask):
             return 0
         self._store(ledger.load_attempt, self.request.id, claimed)
         return claimed.attempt or 0
-
-    def _max_attempts(self, claimed: ledger.Claim) -> int:
-        """The row's own limit if it has one, else the task's."""
-        return int(claimed.max_attempts or self.max_attempts)
 
     def _retry_for_classes(self) -> tuple[type[BaseException], ...]:
         return tuple(self.retry_for or ())
@@ -202,6 +217,11 @@ class ReliableTask(DjangoTask):
         except db_retry.TRANSIENT_ERRORS as exc:
             self._defer(request, exc)
         if not claimed.won:
+            if request.is_eager:
+                # apply() runs the body, as Celery's does; the ledger keeps the other run's.
+                logger.debug("%s[%s]: run eagerly without the ledger (%s)", self.name, task_id,
+                             claimed.reason)
+                return None
             logger.info("%s[%s]: duplicate delivery skipped (%s)", self.name, task_id,
                         claimed.reason)
             raise Ignore(f"duplicate delivery: {claimed.reason}")

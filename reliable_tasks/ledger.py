@@ -71,7 +71,8 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
     the skipped delivery is counted. Leases and expiry are judged by the database's clock.
     """
     started_at = started_at or timezone.now()
-    changed = statements.claim(task_id, worker=worker, started_at=started_at,
+    changed = statements.claim(task_id, task_name=task_name, worker=worker,
+                               started_at=started_at,
                                lease_seconds=app_settings.LEASE_TIMEOUT)
     if changed:
         return Claim(won=True, worker=worker, started_at=started_at)
@@ -87,13 +88,15 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
                      rerun_after_lost: bool, max_attempts: int | None) -> Claim:
     row = (TaskRecord.objects.filter(id=task_id)
            .values("state", "attempts", "max_attempts", "lease_expires_at", "expires_at",
-                   "worker", "started_at").first())
+                   "worker", "started_at", "task_name").first())
     now = database_now()
     if row is None:
         return _claim_unrecorded(task_id, task_name, worker, started_at, now)
     state = row["state"]
     if state == TaskState.STARTED and (row["worker"], row["started_at"]) == (worker, started_at):
         return Claim(won=True, worker=worker, started_at=started_at)  # an earlier try won
+    if row["task_name"] != task_name:
+        return Claim(won=False, reason=f"the task id now runs {row['task_name']} (replaced)")
     if state in CLAIMABLE_STATES and row["expires_at"] is not None and row["expires_at"] < now:
         TaskRecord.objects.filter(id=task_id).transition(
             CLAIMABLE_STATES, state=TaskState.EXPIRED, finished_at=now)
@@ -215,16 +218,7 @@ def _already(task_id: str, claimed: Claim, state: TaskState) -> bool:
 def record_failure(task_id: str, claimed: Claim, exc: BaseException,
                    tb: str | None = None) -> bool:
     """FAILURE (dead, waiting for a human), from this attempt's STARTED only."""
-    now = timezone.now()
-    load_attempt(task_id, claimed)
-    errors = _error_fields(exc, tb)
-    entry = _history_entry(claimed, TaskState.FAILURE, now,
-                           f"{errors['error_type']}: {errors['error_message']}")
-    return _held_by(task_id, claimed).transition(
-        (TaskState.STARTED,),
-        state=TaskState.FAILURE, finished_at=now, lease_expires_at=None, next_attempt_at=None,
-        history=_bounded(claimed.history, entry), **errors,
-    ) == 1 or _already(task_id, claimed, TaskState.FAILURE)
+    return _finish(task_id, claimed, TaskState.FAILURE, exc, tb)
 
 
 def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
@@ -244,6 +238,70 @@ def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
         state=TaskState.RETRY, next_attempt_at=next_attempt_at, lease_expires_at=None,
         history=_bounded(claimed.history, entry), **errors, **call_changes,
     ) == 1 or _already(task_id, claimed, TaskState.RETRY)
+
+
+def record_replaced(task_id: str, claimed: Claim, replacement: str) -> bool:
+    """REPLACED, from this attempt's STARTED only: the body handed its task id to
+    ``replacement`` (``Task.replace``), whose dispatch takes the row over
+    (``take_over_replaced``). The history entry names the replacement."""
+    now = timezone.now()
+    load_attempt(task_id, claimed)
+    entry = {**_history_entry(claimed, TaskState.REPLACED, now), "replaced_by": replacement[:500]}
+    return _held_by(task_id, claimed).transition(
+        (TaskState.STARTED,),
+        state=TaskState.REPLACED, lease_expires_at=None, next_attempt_at=None,
+        history=_bounded(claimed.history, entry),
+    ) == 1 or _already(task_id, claimed, TaskState.REPLACED)
+
+
+def take_over_replaced(record: TaskRecord) -> bool:
+    """Make the REPLACED row of ``record``'s id the row of ``record``, the replacement's
+    call, as new (PENDING, no attempts yet); False if no row of that id is REPLACED.
+
+    The history of the replaced attempts stays. The claim names the task, so a late copy of
+    the replaced task's message never runs the replacement's row.
+    """
+    changes = {field: getattr(record, field) for field in _CALL_FIELDS}
+    return TaskRecord.objects.filter(pk=record.pk, state=TaskState.REPLACED).update(
+        **changes, state=TaskState.PENDING, attempts=0, worker="", started_at=None,
+        lease_expires_at=None, finished_at=None, publish_attempts=0, publish_error="",
+        error_type="", error_message="", traceback="") == 1
+
+
+#: The columns of a row that describe its call (what a replacement brings).
+_CALL_FIELDS = ("task_name", "args", "kwargs", "options", "queue", "eta", "expires_at",
+                "max_attempts", "next_attempt_at", "parent_id", "root_id", "group_id",
+                "created_at")
+
+
+def record_ignored(task_id: str, claimed: Claim, exc: BaseException) -> bool:
+    """REVOKED, from this attempt's STARTED only: the body raised Celery's ``Ignore`` (it
+    chose not to finish; Celery stores no result). The error names it."""
+    return _finish(task_id, claimed, TaskState.REVOKED, exc)
+
+
+def record_rejected(task_id: str, claimed: Claim, exc: BaseException, requeue: bool) -> bool:
+    """The body raised Celery's ``Reject``: with ``requeue``, RETRY at once (the broker
+    delivers the message again, or the sweeper publishes it after the grace if it does not);
+    without, FAILURE."""
+    if not requeue:
+        return _finish(task_id, claimed, TaskState.FAILURE, exc)
+    due = timezone.now() + timedelta(seconds=app_settings.PUBLISH_GRACE)
+    return record_retry(task_id, claimed, exc, due)
+
+
+def _finish(task_id: str, claimed: Claim, state: TaskState, exc: BaseException,
+            tb: str | None = None) -> bool:
+    now = timezone.now()
+    load_attempt(task_id, claimed)
+    errors = _error_fields(exc, tb)
+    entry = _history_entry(claimed, state, now,
+                           f"{errors['error_type']}: {errors['error_message']}")
+    return _held_by(task_id, claimed).transition(
+        (TaskState.STARTED,),
+        state=state, finished_at=now, lease_expires_at=None, next_attempt_at=None,
+        history=_bounded(claimed.history, entry), **errors,
+    ) == 1 or _already(task_id, claimed, state)
 
 
 def record_time_limit(task_id: str, *, worker: str, exc: BaseException, tb: str,

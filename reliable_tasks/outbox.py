@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 from celery.canvas import Signature
-from django.db import DEFAULT_DB_ALIAS, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, transaction
 from django.db.models import F, Field
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -33,6 +33,7 @@ from reliable_tasks.exceptions import (
     PayloadError,
     UnknownTaskError,
 )
+from reliable_tasks.ledger import take_over_replaced
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
@@ -203,9 +204,32 @@ def dispatch(task: Any, args: Sequence[Any] | None = (), kwargs: Mapping[str, An
     app = get_celery_app()
     now = timezone.now()
     record = build_record(app, task, args, kwargs, options, now)
-    record.save(force_insert=True)
+    if options.get("task_id"):
+        _save_with_given_id(record)
+    else:
+        record.save(force_insert=True)
     publish_on_commit([record])
     return record
+
+
+def _save_with_given_id(record: TaskRecord) -> None:
+    """Insert the row of a call that names its task id, which may be in the ledger already.
+
+    One task id is one row. A REPLACED row (``Task.replace`` froze the replacement with the
+    replaced task's id) becomes the replacement's. Any other row stays as it is (a frozen
+    signature applied again, a reused errback): the call is published as another message of
+    that task id, and the worker's claim decides whether it runs, as for any duplicate.
+    """
+    try:
+        if connection.in_atomic_block:
+            with transaction.atomic():  # a savepoint: the caller's transaction goes on
+                record.save(force_insert=True)
+        else:
+            record.save(force_insert=True)
+    except IntegrityError:
+        if not take_over_replaced(record):
+            logger.info("%s[%s]: the task id is in the ledger already; another message is "
+                        "published and the claim decides", record.task_name, record.pk)
 
 
 def _normalize_call(call: Any) -> tuple[Any, Any, Any, dict[str, Any]]:

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 _MESSAGE_ARGUMENTS = (
     "group_id", "group_index", "chord", "link", "link_error", "chain",
     "time_limit", "soft_time_limit", "ignore_result", "shadow", "retries",
+    "replaced_task_nesting", "stamped_headers",
 )
 
 
@@ -269,6 +270,9 @@ def _send_one(batch: _BatchContext, producer: Producer, row: Publishable) -> Non
         **arguments,
         **options,
     )
+    # Stamps are message headers (Celery read them from the options above), never properties.
+    for stamp in arguments.get("stamped_headers") or ():
+        options.pop(stamp, None)
     batch.send_message(producer, row.task_name, message, retry=False, **options)
 
 

@@ -44,14 +44,14 @@ def _quoted(alias: str, *fields: str) -> list[str]:
 
 @lru_cache(maxsize=8)
 def _claim_sql(alias: str) -> str:
-    table, state, attempts, worker, started, lease, next_attempt, expires, pk = _quoted(
+    table, state, attempts, worker, started, lease, next_attempt, expires, pk, name = _quoted(
         alias, "state", "attempts", "worker", "started_at", "lease_expires_at",
-        "next_attempt_at", "expires_at", "id")
+        "next_attempt_at", "expires_at", "id", "task_name")
     states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
     # The lease and the expiry are the database's time: another host compares them.
     return (f"UPDATE {table} SET {state} = %s, {attempts} = {attempts} + 1, {worker} = %s, "
             f"{started} = %s, {lease} = {later_sql(0, alias)[0]}, {next_attempt} = NULL "
-            f"WHERE {pk} = %s AND {state} IN ({states}) "
+            f"WHERE {pk} = %s AND {name} = %s AND {state} IN ({states}) "
             f"AND ({expires} IS NULL OR {expires} >= {now_sql(alias)[0]})")
 
 
@@ -95,8 +95,10 @@ def _moment(value: datetime, alias: str) -> Any:
     return connections[alias].ops.adapt_datetimefield_value(value)
 
 
-def claim(task_id: str, *, worker: str, started_at: datetime, lease_seconds: float) -> int:
-    """STARTED for ``worker`` from a claimable state, if the task has not expired.
+def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
+          lease_seconds: float) -> int:
+    """STARTED for ``worker`` from a claimable state, if the task has not expired and the row
+    is still of ``task_name`` (a replacement may have taken it over).
 
     ``started_at`` is the claim's token (its outcome write names it); the lease runs for
     ``lease_seconds`` from the database's current time. Returns the number of rows changed
@@ -106,7 +108,7 @@ def claim(task_id: str, *, worker: str, started_at: datetime, lease_seconds: flo
     return _execute(_claim_sql(alias), [
         TaskState.STARTED.value, worker, _moment(started_at, alias),
         *later_sql(lease_seconds, alias)[1],
-        _id(task_id, alias), *(state.value for state in CLAIMABLE_STATES),
+        _id(task_id, alias), task_name, *(state.value for state in CLAIMABLE_STATES),
         *now_sql(alias)[1],
     ], alias)
 

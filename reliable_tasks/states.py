@@ -15,6 +15,9 @@ class TaskState(models.TextChoices):
     LOST = "LOST", "Lost"
     REVOKED = "REVOKED", "Revoked"
     EXPIRED = "EXPIRED", "Expired"
+    #: The attempt handed its task id to a replacement (``Task.replace``); the replacement's
+    #: dispatch takes the row over.
+    REPLACED = "REPLACED", "Replaced"
 
 
 #: States in which the task will not run again unless a human retries it.

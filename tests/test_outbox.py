@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import transaction
 
 from example_project.demo.tasks import add, record
 from reliable_tasks import dispatch, dispatch_many
@@ -221,14 +221,19 @@ def test_dispatch_many_refuses_the_whole_batch_when_one_call_is_invalid(redis_se
     assert queue_length(redis_server) == 0
 
 
-def test_a_database_error_in_the_callers_transaction_propagates(redis_server):
+def test_a_reused_task_id_keeps_its_one_row_and_sends_another_message(redis_server):
     first = dispatch(add, (1, 1))
 
-    with pytest.raises(IntegrityError), transaction.atomic():
-        dispatch(add, (2, 2), task_id=str(first.id))
+    with transaction.atomic():
+        again = dispatch(add, (2, 2), task_id=str(first.id))
+        later = dispatch(add, (3, 3))  # the caller's transaction goes on
+        assert queue_length(redis_server) == 1  # nothing before the commit
 
-    assert TaskRecord.objects.count() == 1
-    assert queue_length(redis_server) == 1
+    assert str(again.pk) == str(first.pk)
+    assert TaskRecord.objects.count() == 2
+    assert TaskRecord.objects.get(pk=first.pk).args == [1, 1]
+    assert queue_length(redis_server) == 3
+    assert TaskRecord.objects.get(pk=later.pk).state == TaskState.QUEUED
 
 
 def test_datetimes_and_decimals_round_trip_through_the_ledger(redis_server):
