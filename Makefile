@@ -7,7 +7,7 @@ comma := ,
 EXTRAS := dev$(if $(filter mysql%,$(DATABASE_URL)),$(comma)mysql,)
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install demo test faults lint bench clean
+.PHONY: install demo test faults lint bench clean celery-integration
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: install
 	$(PY) -m benchmarks.bench_reconcile
 	DATABASE_URL=$(LARGE_BENCH_DB) $(PY) -m benchmarks.bench_sweeper
 	DATABASE_URL=$(LARGE_BENCH_DB) $(PY) -m benchmarks.bench_admin
+
+# Celery's own integration tests (test_tasks.py, test_canvas.py), with plain Celery and with
+# ReliableTask as the app's task_cls, compared test by test (about 10 min per run; needs
+# PostgreSQL at 127.0.0.1:5432). Downloads Celery's sdist and makes a venv in var/celery-integration/.
+celery-integration: install
+	$(PY) -m tools.celery_integration $(CELERY_INTEGRATION_ARGS)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

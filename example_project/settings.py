@@ -119,7 +119,8 @@ else:
     CELERY_BROKER_URL = REDIS_URL
     CELERY_REDBEAT_REDIS_URL = REDIS_URL
 
-CELERY_RESULT_BACKEND = "django-db"
+# django-celery-results; CELERY_RESULT_BACKEND in the environment picks another (a redis:// URL).
+CELERY_RESULT_BACKEND = os.environ.get("CELERY_RESULT_BACKEND", "django-db")
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]

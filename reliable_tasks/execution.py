@@ -165,7 +165,11 @@ class ReliableTask(DjangoTask):
             return super().on_replace(sig)
         with transaction.atomic():
             self._store(ledger.record_replaced, self.request.id, claimed, repr(sig))
-            return super().on_replace(sig)
+            try:
+                return super().on_replace(sig)
+            except Ignore as handed_over:  # Celery's end of a replaced run: commit first
+                ending = handed_over
+        raise ending
 
     def retry_delay(self, exc: BaseException, attempt: int,
                     max_attempts: int | None) -> float | None:

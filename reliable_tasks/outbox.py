@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
+from uuid import UUID
 
 from celery import Celery
 from celery.canvas import Signature
@@ -152,8 +153,17 @@ def build_record(
     })
     record.next_attempt_at = _first_publish_due_at(record, now)
     if options.get("task_id"):
-        record.id = options["task_id"]
+        record.id = _task_uuid(options["task_id"])
     return record
+
+
+def _task_uuid(task_id: Any) -> UUID:
+    """A given task id as the ledger's key (a UUID); raise ``DispatchError``."""
+    try:
+        return task_id if isinstance(task_id, UUID) else UUID(str(task_id))
+    except ValueError:
+        raise DispatchError(
+            f"task_id must be a UUID, the ledger's key, not {task_id!r}") from None
 
 
 @lru_cache(maxsize=1)

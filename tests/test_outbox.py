@@ -9,7 +9,12 @@ from django.db import transaction
 
 from example_project.demo.tasks import add, record
 from reliable_tasks import dispatch, dispatch_many
-from reliable_tasks.exceptions import NotReliableTaskError, PayloadError, UnknownTaskError
+from reliable_tasks.exceptions import (
+    DispatchError,
+    NotReliableTaskError,
+    PayloadError,
+    UnknownTaskError,
+)
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.states import TaskState
 from reliable_tasks.sweeper import sweep
@@ -234,6 +239,25 @@ def test_a_reused_task_id_keeps_its_one_row_and_sends_another_message(redis_serv
     assert TaskRecord.objects.get(pk=first.pk).args == [1, 1]
     assert queue_length(redis_server) == 3
     assert TaskRecord.objects.get(pk=later.pk).state == TaskState.QUEUED
+
+
+def test_tasks_dispatched_with_their_own_ids_in_one_transaction_all_publish_at_commit(
+        redis_server):
+    import uuid
+
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    with transaction.atomic():
+        for task_id in ids:
+            dispatch(add, (1, 1), task_id=task_id)
+
+    assert queue_length(redis_server) == 3
+    assert TaskRecord.objects.filter(state=TaskState.QUEUED).count() == 3
+
+
+def test_a_task_id_that_is_not_a_uuid_is_refused(redis_server):
+    with pytest.raises(DispatchError, match="task_id must be a UUID"):
+        dispatch(add, (1, 1), task_id="report-42")
+    assert TaskRecord.objects.count() == 0
 
 
 def test_datetimes_and_decimals_round_trip_through_the_ledger(redis_server):

@@ -8,8 +8,8 @@ the database instead (one line per run appended to a file), for the scenarios th
 import os
 import time
 
-from celery import shared_task
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery import chord, group, shared_task
+from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from django.db import connection
 
 from example_project.demo.models import Execution
@@ -176,3 +176,61 @@ def soft_overrun(self: ReliableTask, token: str, seconds: float) -> str:
     """Sleep ``seconds``; after 1 s Celery raises ``SoftTimeLimitExceeded`` in the body,
     which is retried once."""
     return _sleep_then_record(self, token, seconds)
+
+
+# --- Celery's own behaviours on ReliableTask (tests/test_celery_behaviour.py) --------------------
+
+
+@shared_task(base=ReliableTask, name="demo.total")
+def total(values: list[int]) -> int:
+    """The sum of ``values`` (a chord's body)."""
+    return sum(values)
+
+
+@shared_task(base=ReliableTask, name="demo.boom")
+def boom() -> None:
+    """Fail once, with an error that is not retried."""
+    raise ValueError("boom")
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.replaced")
+def replaced(self: ReliableTask, shape: str, x: int) -> None:
+    """Replace itself (``Task.replace``) with a task, a chain, a group or a chord over ``x``."""
+    replacements = {
+        "task": lambda: add.s(x, 1),
+        "chain": lambda: add.s(x, 1) | add.s(10),
+        "group": lambda: group(add.s(x, 1), add.s(x, 2)),
+        "chord": lambda: chord([add.s(x, 1), add.s(x, 2)], total.s()),
+    }
+    raise self.replace(replacements[shape]())
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.reject_once", acks_late=True)
+def reject_once(self: ReliableTask, token: str) -> str:
+    """Reject its first delivery with requeue, then log one execution and succeed."""
+    if not Execution.objects.filter(token=f"{token}:rejected").exists():
+        Execution.objects.create(token=f"{token}:rejected", task_id=self.request.id or "",
+                                 pid=os.getpid())
+        raise Reject("not yet", requeue=True)
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    return token
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.retries_by_default")
+def retries_by_default(self: ReliableTask, token: str) -> None:
+    """Log a run, then ``self.retry()`` for ever: Celery's default ``max_retries`` (3) ends it."""
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    raise self.retry(countdown=0)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.retries_five", max_retries=5)
+def retries_five(self: ReliableTask, token: str) -> None:
+    """``retries_by_default`` with ``max_retries=5``."""
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    raise self.retry(countdown=0)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.spawn")
+def spawn(self: ReliableTask, x: int) -> str:
+    """Send ``add(x, x)`` from the body; return its task id (a child of this task)."""
+    return str(add.delay(x, x).id)
