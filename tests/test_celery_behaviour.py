@@ -19,6 +19,7 @@ from example_project.demo.models import Execution
 from example_project.demo.tasks import (
     add,
     boom,
+    gives_up,
     noop,
     record,
     reject_once,
@@ -190,6 +191,18 @@ def test_reject_with_requeue_runs_the_task_again(worker):
     assert Execution.objects.filter(token="rejected-once:rejected").count() == 1
     assert Execution.objects.filter(token="rejected-once").count() == 1
     assert TaskRecord.objects.get(pk=row_id).attempts == 2
+
+
+@pytest.mark.parametrize(("how", "ends_as", "error"), [
+    ("ignore", TaskState.REVOKED, "celery.exceptions.Ignore"),
+    ("reject", TaskState.FAILURE, "celery.exceptions.Reject"),
+])
+def test_ignore_and_reject_without_requeue_finish_the_row(worker, how, ends_as, error):
+    row_id = gives_up.delay(how).id
+
+    wait_for(lambda: state_of(row_id) == ends_as, what=ends_as)
+    row = TaskRecord.objects.get(pk=row_id)
+    assert (row.error_type, row.attempts) == (error, 1)
 
 
 @pytest.mark.parametrize(("task", "runs"), [(retries_by_default, 4), (retries_five, 6)])

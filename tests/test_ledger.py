@@ -202,3 +202,27 @@ def test_the_budget_survives_a_history_shorter_than_the_attempts(settings):
     for expected_limit in (2, 3, 4):
         ledger.record_failure(str(row.id), claim(row), ValueError("boom"))
         assert ledger.retry(row).max_attempts == expected_limit
+
+
+def test_a_replaced_row_is_taken_over_by_its_replacement_and_never_by_the_old_task():
+    row = make_row()
+    first = claim(row)
+    assert ledger.record_replaced(str(row.id), first, "demo.total.s()")
+    assert not claim(row, "w2").won, "a REPLACED row waits for its replacement"
+
+    replacement = TaskRecord(id=row.id, task_name="demo.total", args=[[1, 2]],
+                             next_attempt_at=timezone.now())
+    assert ledger.take_over_replaced(replacement)
+    assert not ledger.take_over_replaced(replacement), "only a REPLACED row is taken over"
+
+    late_copy = claim(row, "w2")  # the replaced task's message, delivered again
+    assert not late_copy.won
+    assert "demo.total" in late_copy.reason
+    stored = TaskRecord.objects.get(pk=row.pk)
+    assert (stored.task_name, stored.state, stored.attempts, stored.args) == (
+        "demo.total", TaskState.PENDING, 0, [[1, 2]])
+    assert [entry["outcome"] for entry in stored.history] == [TaskState.REPLACED]
+
+    won = ledger.claim(str(row.id), task_name="demo.total", worker="w3",
+                       rerun_after_lost=False)
+    assert won.won

@@ -9,7 +9,7 @@ import os
 import time
 
 from celery import chord, group, shared_task
-from celery.exceptions import Reject, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.exceptions import Ignore, Reject, SoftTimeLimitExceeded, TimeLimitExceeded
 from django.db import connection
 
 from example_project.demo.models import Execution
@@ -234,3 +234,11 @@ def retries_five(self: ReliableTask, token: str) -> None:
 def spawn(self: ReliableTask, x: int) -> str:
     """Send ``add(x, x)`` from the body; return its task id (a child of this task)."""
     return str(add.delay(x, x).id)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.gives_up")
+def gives_up(self: ReliableTask, how: str) -> None:
+    """End without an outcome: ``Ignore`` (``how="ignore"``) or ``Reject`` without requeue."""
+    if how == "ignore":
+        raise Ignore("nothing to do")
+    raise Reject("cannot be done", requeue=False)

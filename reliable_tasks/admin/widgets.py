@@ -32,6 +32,7 @@ STATE_COLORS: Mapping[str, str] = {
     TaskState.LOST: "#7b1fa2",
     TaskState.REVOKED: "#455a64",
     TaskState.EXPIRED: "#8d6e63",
+    TaskState.REPLACED: "#00695c",
 }
 _UNKNOWN_COLOR = "#9e9e9e"
 _ALIVE_COLOR = STATE_COLORS[TaskState.SUCCESS]
