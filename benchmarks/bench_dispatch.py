@@ -1,10 +1,11 @@
 """Publish side: what recording tasks in the ledger costs the caller, against plain Celery.
 
-Three scenarios, each with three variants timed in interleaved rounds (the ledger table is
+Three scenarios, each with three or four variants timed in interleaved rounds (the ledger table is
 truncated and Redis flushed before every run; medians are reported):
 
-- 100 tasks in one transaction: ``dispatch(noop)`` x100 in ``transaction.atomic()`` (timed to
-  the end of the commit, which publishes them), a naive outbox, and plain ``apply_async()`` x100.
+- 100 tasks in one transaction: ``dispatch(noop)`` x100 and ``noop.delay()`` x100 in
+  ``transaction.atomic()`` (timed to the end of the commit, which publishes them), a naive
+  outbox, and plain ``apply_async()`` x100.
 - One task per autocommit transaction, 300 sequential calls.
 - A bulk of 5000: ``dispatch_many`` of 5000 signatures, a naive bulk outbox, and 5000 plain
   ``apply_async()``.
@@ -72,6 +73,17 @@ def dispatch_in_transaction(n: int) -> None:
     with transaction.atomic():
         for _ in range(n):
             dispatch(noop)
+
+
+def delay_in_transaction(n: int) -> None:
+    """``noop.delay()`` ``n`` times in one transaction: Celery's call-time checks, then
+    ``dispatch``; the commit publishes them."""
+    from django.db import transaction
+
+    noop = _tasks().noop
+    with transaction.atomic():
+        for _ in range(n):
+            noop.delay()
 
 
 def dispatch_autocommit(n: int) -> None:
@@ -192,6 +204,8 @@ SCENARIOS = (
     Scenario("100 in one transaction", 100, (
         Variant(PLAIN, "plain apply_async() x100", plain_loop),
         Variant(RELIABLE, "dispatch() x100 in atomic()", dispatch_in_transaction, goal=0.8),
+        Variant(RELIABLE, "ReliableTask.delay() x100 in atomic()", delay_in_transaction,
+                goal=0.8),
         Variant(NAIVE, "naive: create+on_commit+UPDATE each", naive_in_transaction,
                 reference=0.65),
     )),
