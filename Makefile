@@ -43,7 +43,7 @@ bench: install
 	DATABASE_URL=$(LARGE_BENCH_DB) $(PY) -m benchmarks.bench_admin
 
 # Celery's own integration tests (test_tasks.py, test_canvas.py), with plain Celery and with
-# ReliableTask as the app's task_cls, compared test by test (about 10 min per run; needs
+# ReliableTask as the app's task_cls, compared test by test (about 20 min per run; needs
 # PostgreSQL at 127.0.0.1:5432). Downloads Celery's sdist and makes a venv in var/celery-integration/.
 celery-integration: install
 	$(PY) -m tools.celery_integration $(CELERY_INTEGRATION_ARGS)

@@ -4,6 +4,8 @@ Usage (from the repository root, with the project's venv)::
 
     python -m tools.celery_integration [--runs plain,reliable]
         [--tests test_tasks.py,test_canvas.py] [-k EXPR] [--timeout 180] [--run-timeout 5400]
+        [--no-reruns]
+    python -m tools.celery_integration --report-only   # report again on the latest runs
 
 Steps:
 
@@ -20,7 +22,12 @@ Steps:
    (with Django configured in both, Celery's Django fix-up makes that ``DjangoTask``).
 4. Count the ledger's rows per state after each run.
 5. Print the per-file counts of each run and the tests whose outcome differs, and write them to
-   ``var/celery-integration/report.json``.
+   ``var/celery-integration/report.json``. Each run's files (pytest log, JUnit XML, the plugin's
+   JSON lines) stay in ``var/celery-integration/runs/<run>/``.
+
+Celery's ``flaky`` tests are rerun by pytest-rerunfailures (up to 5 times on a timeout or
+connection error, as Celery's conftest says); the last attempt decides, and the report counts
+the reruns of each run. ``--no-reruns`` runs each test once (a faster, harsher measurement).
 
 The exit status is 0 whatever the tests do (this is a measuring tool); it is non-zero only when
 the harness itself could not do its job (no venv, no database, pytest unable to run, a run whose
@@ -85,6 +92,7 @@ class TestOutcome:
 
     outcome: str
     message: str = ""
+    reruns: int = 0
 
 
 @dataclass
@@ -94,6 +102,9 @@ class RunResult:
     name: str
     task_cls: str | None
     database_url: str
+    selection: list[str]
+    keyword: str | None
+    reruns_enabled: bool
     exit_code: int | None
     timed_out: bool
     duration: float
@@ -127,6 +138,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="per-test timeout in seconds (pytest-timeout; default: %(default)s)")
     parser.add_argument("--run-timeout", type=float, default=5400.0,
                         help="limit of one pytest run in seconds (default: %(default)s)")
+    parser.add_argument("--no-reruns", action="store_true",
+                        help="disable pytest-rerunfailures (Celery's flaky tests run once)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report again on the latest runs (files and databases)")
     args = parser.parse_args(argv)
     unknown = [run for run in args.runs if run not in RUNS]
     if unknown:
@@ -295,9 +310,9 @@ def run_in_own_session(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path
 # --- one run --------------------------------------------------------------------------------------
 
 
-def run_environment(*, venv_python: Path, redis_url: str, redis_port: int, database_url: str,
-                    task_cls: str | None, results: Path) -> dict[str, str]:
-    """The environment of a run's commands: this one's, less what would skew the measurement."""
+def django_environment(venv_python: Path, database_url: str) -> dict[str, str]:
+    """This process' environment less what would skew a measurement, set for Django and the
+    venv's Python, on the database ``database_url``."""
     env = {
         name: value for name, value in os.environ.items()
         if name not in DROPPED_ENV and not name.startswith(DROPPED_ENV_PREFIXES)
@@ -308,6 +323,15 @@ def run_environment(*, venv_python: Path, redis_url: str, redis_port: int, datab
         "PYTHONUNBUFFERED": "1",
         "DJANGO_SETTINGS_MODULE": "example_project.settings",
         "DATABASE_URL": database_url,
+    })
+    return env
+
+
+def run_environment(*, venv_python: Path, redis_url: str, redis_port: int, database_url: str,
+                    task_cls: str | None, results: Path) -> dict[str, str]:
+    """The environment of a run's commands: Django's, the private Redis, the plugin's files."""
+    env = django_environment(venv_python, database_url)
+    env.update({
         # The example project's own app and RedBeat use the private server too.
         "REDIS_URL": redis_url,
         "TEST_BROKER": redis_url,
@@ -322,17 +346,18 @@ def run_environment(*, venv_python: Path, redis_url: str, redis_port: int, datab
 
 
 def pytest_command(venv_python: Path, tests: Sequence[str], *, keyword: str | None,
-                   timeout: float, junit: Path) -> list[str]:
+                   timeout: float, reruns: bool, junit: Path) -> list[str]:
     """The pytest command line of a run (to be run in the extracted sdist)."""
     argv = [str(venv_python), "-m", "pytest", *(f"t/integration/{name}" for name in tests)]
     argv += ["-p", "celery.contrib.pytest", "-p", "tools.celery_integration_plugin"]
     argv += ["-p", "no:cacheprovider", f"--junitxml={junit}", f"--timeout={timeout:g}"]
     argv += ["--timeout-method=signal", "-v", "--tb=short", "-rfE"]
+    argv += [] if reruns else ["-p", "no:rerunfailures"]
     return argv + (["-k", keyword] if keyword else [])
 
 
 def measure(name: str, *, source: Path, venv_python: Path, tests: Sequence[str],
-            keyword: str | None, timeout: float, run_timeout: float) -> RunResult:
+            keyword: str | None, timeout: float, run_timeout: float, reruns: bool) -> RunResult:
     """Run the tests once as ``name`` on a fresh database and Redis; return what it measured."""
     from example_project.devservers import RedisServer
 
@@ -340,30 +365,45 @@ def measure(name: str, *, source: Path, venv_python: Path, tests: Sequence[str],
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     database_url = f"{POSTGRES_SERVER_URL}/celery_it_{name}"
-    results = run_dir / "results.jsonl"
     _check_call([str(venv_python), "-m", "tools.celery_integration_db", "recreate", database_url],
                 log=run_dir / "setup.log", cwd=REPO_ROOT)
     with RedisServer() as redis_server:
         env = run_environment(venv_python=venv_python, redis_url=redis_server.url,
                               redis_port=redis_server.port, database_url=database_url,
-                              task_cls=RUNS[name], results=results)
+                              task_cls=RUNS[name], results=run_dir / "results.jsonl")
         _check_call([str(venv_python), "manage.py", "migrate", "--noinput"], env=env,
                     cwd=REPO_ROOT, log=run_dir / "setup.log")
         print(f"[{name}] pytest running; log: {run_dir / 'pytest.log'}", flush=True)
         started = time.monotonic()
         exit_code = run_in_own_session(
             pytest_command(venv_python, tests, keyword=keyword, timeout=timeout,
-                           junit=run_dir / "junit.xml"),
+                           reruns=reruns, junit=run_dir / "junit.xml"),
             env=env, cwd=source, log=run_dir / "pytest.log", timeout=run_timeout)
-        duration = time.monotonic() - started
-    records = read_records(results)
+    run_info = {"exit_code": exit_code, "duration": round(time.monotonic() - started, 1),
+                "database_url": database_url, "selection": list(tests), "keyword": keyword,
+                "reruns_enabled": reruns}
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    return load_run(name, venv_python)
+
+
+def load_run(name: str, venv_python: Path) -> RunResult:
+    """What the latest run ``name`` measured: its files in ``runs/<name>/`` and its database."""
+    run_dir = WORK_DIR / "runs" / name
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"no complete {name!r} run in {run_dir}: {exc}") from exc
+    records = read_records(run_dir / "results.jsonl")
     result = RunResult(
-        name=name, task_cls=RUNS[name], database_url=database_url, exit_code=exit_code,
-        timed_out=exit_code is None, duration=round(duration, 1),
+        name=name, task_cls=RUNS[name], database_url=info["database_url"],
+        selection=info["selection"], keyword=info["keyword"],
+        reruns_enabled=info["reruns_enabled"], exit_code=info["exit_code"],
+        timed_out=info["exit_code"] is None, duration=info["duration"],
         task_class_chain=_task_class_chain(records), tests=classify(records))
     check_run(result, records, run_dir / "pytest.log")
     ledger = json.loads(_output([str(venv_python), "-m", "tools.celery_integration_db", "states"],
-                                env=env, cwd=REPO_ROOT))
+                                env=django_environment(venv_python, result.database_url),
+                                cwd=REPO_ROOT))
     result.ledger_table, result.ledger_states = ledger["table"], ledger["states"]
     result.ledger_adopted = ledger["adopted"]
     return result
@@ -415,29 +455,39 @@ def _task_class_chain(records: Iterable[Mapping[str, Any]]) -> list[str]:
 def classify(records: Iterable[Mapping[str, Any]]) -> dict[str, TestOutcome]:
     """One outcome per collected test from the plugin's reports.
 
-    Attempts that pytest-rerunfailures reran are ignored (its last attempt counts). A failed
-    setup is an ``error``; a failed call or subtest makes the test ``failed``; a failed teardown
-    of an otherwise passing test is an ``error``. A test collected but never reported (the run
-    was killed) is ``not run``.
+    A teardown report ends an attempt (subtest reports may come before its setup report: they
+    are logged live, the rest by pytest-rerunfailures once the attempt is over). Only the last
+    attempt counts: the plugin reran the others, whose number is ``reruns``. A failed setup is
+    an ``error``; a failed call or subtest makes the test ``failed``; a failed teardown of an
+    otherwise passing test is an ``error``. A test collected but never reported (the run was
+    killed) is ``not run``.
     """
     collected: list[str] = []
-    reports: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    attempts: dict[str, list[list[Mapping[str, Any]]]] = defaultdict(list)
     for record in records:
         if record["kind"] == "collected":
             collected = list(record["nodeids"])
-        elif record["kind"] == "report" and record["outcome"] != "rerun":
-            reports[record["nodeid"]].append(record)
-    nodeids = collected + [nodeid for nodeid in reports if nodeid not in collected]
-    return {nodeid: _outcome(reports.get(nodeid, [])) for nodeid in nodeids}
+        elif record["kind"] == "report":
+            runs = attempts[record["nodeid"]]
+            if not runs or runs[-1][-1]["when"] == "teardown":
+                runs.append([])
+            runs[-1].append(record)
+    nodeids = collected + [nodeid for nodeid in attempts if nodeid not in collected]
+    outcomes = {}
+    for nodeid in nodeids:
+        runs = attempts.get(nodeid) or [[]]
+        outcomes[nodeid] = _outcome(runs[-1])
+        outcomes[nodeid].reruns = len(runs) - 1
+    return outcomes
 
 
 def _outcome(reports: Sequence[Mapping[str, Any]]) -> TestOutcome:
-    """The outcome of one test from its (non-rerun) reports, in the order pytest made them."""
+    """The outcome of one attempt of a test from its reports, in the order pytest made them."""
     phases: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for report in reports:
         phases[report["when"]].append(report)
     for when, verdict in (("setup", "error"), ("call", "failed"), ("teardown", "error")):
-        failed = [report for report in phases[when] if report["outcome"] == "failed"]
+        failed = [report for report in phases[when] if report["outcome"] in ("failed", "rerun")]
         if failed:
             return TestOutcome(verdict, failed[0]["message"])
     for report in phases["setup"] + phases["call"]:
@@ -463,6 +513,19 @@ def counts_by_file(tests: Mapping[str, TestOutcome]) -> dict[str, dict[str, int]
             for name, counter in sorted(counters.items())}
 
 
+def other_differences(plain: RunResult, reliable: RunResult) -> list[dict[str, str]]:
+    """Tests whose outcome differs between the runs but not as a pass in one, fail in the other
+    (passed vs skipped, xfailed vs xpassed, a test only one run has...)."""
+    differing = []
+    for nodeid in list(plain.tests) + [n for n in reliable.tests if n not in plain.tests]:
+        outcomes = [run.tests[nodeid].outcome if nodeid in run.tests else "absent"
+                    for run in (plain, reliable)]
+        if outcomes[0] != outcomes[1] and not (
+                "passed" in outcomes and set(outcomes) & FAILING):
+            differing.append({"test": nodeid, "plain": outcomes[0], "reliable": outcomes[1]})
+    return differing
+
+
 def differences(base: RunResult, other: RunResult) -> list[dict[str, str]]:
     """Tests that pass in ``base`` and fail (or error, or did not run) in ``other``."""
     return [
@@ -477,8 +540,7 @@ def differences(base: RunResult, other: RunResult) -> list[dict[str, str]]:
 # --- report ---------------------------------------------------------------------------------------
 
 
-def build_report(version: str, tests: Sequence[str], keyword: str | None,
-                 results: Sequence[RunResult]) -> dict[str, Any]:
+def build_report(version: str, results: Sequence[RunResult]) -> dict[str, Any]:
     """The JSON-ready report: per run its counts, ledger and outcomes; the differences."""
     runs = {}
     for result in results:
@@ -486,13 +548,13 @@ def build_report(version: str, tests: Sequence[str], keyword: str | None,
         data["counts"] = counts_by_file(result.tests)
         data["started_rows"] = result.started_rows
         runs[result.name] = data
-    report: dict[str, Any] = {"celery_version": version, "tests": list(tests),
-                              "keyword": keyword, "runs": runs}
+    report: dict[str, Any] = {"celery_version": version, "runs": runs}
     by_name = {result.name: result for result in results}
     if {"plain", "reliable"} <= by_name.keys():
         plain, reliable = by_name["plain"], by_name["reliable"]
         report["pass_plain_fail_reliable"] = differences(plain, reliable)
         report["pass_reliable_fail_plain"] = differences(reliable, plain)
+        report["other_differences"] = other_differences(plain, reliable)
     return report
 
 
@@ -503,7 +565,10 @@ def format_report(report: Mapping[str, Any]) -> str:
         for counts in run["counts"].values():
             totals.update(counts)
     shown = [o for o in OUTCOMES if o in ("passed", "failed", "error", "skipped") or totals[o]]
-    lines = [f"Celery {report['celery_version']} integration tests", ""]
+    first = next(iter(report["runs"].values()))
+    keyword = f" -k {first['keyword']!r}" if first["keyword"] else ""
+    lines = [f"Celery {report['celery_version']} integration tests: "
+             f"{', '.join(first['selection'])}{keyword}", ""]
     lines.append(f"{'file':<22}{'run':<10}" + "".join(f"{o:>9}" for o in shown))
     files = sorted({name for run in report["runs"].values() for name in run["counts"]})
     for name in files:
@@ -515,9 +580,16 @@ def format_report(report: Mapping[str, Any]) -> str:
         if key in report:
             lines += ["", f"{title}: {len(report[key])}"]
             lines += [f"  {d['test']} [{d['outcome']}] {d['message']}" for d in report[key]]
+    if "other_differences" in report:
+        lines += ["", f"Other differences (plain -> reliable): {len(report['other_differences'])}"]
+        lines += [f"  {d['test']} {d['plain']} -> {d['reliable']}"
+                  for d in report["other_differences"]]
     lines.append("")
     for run_name, run in report["runs"].items():
         note = " (run timed out)" if run["timed_out"] else ""
+        reruns = [test["reruns"] for test in run["tests"].values() if test["reruns"]]
+        note += (f"; {sum(reruns)} reruns in {len(reruns)} tests" if run["reruns_enabled"]
+                 else "; reruns disabled")
         lines.append(f"[{run_name}] pytest exit {run['exit_code']} in {run['duration']:.0f} s"
                      f"{note}; {run['ledger_table']} by state: {run['ledger_states']} "
                      f"({run['ledger_adopted']} adopted); "
@@ -539,14 +611,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise HarnessError(f"no such files in {source / 't/integration'}: {missing}")
         venv_python = ensure_venv(source, version)
         results = [
+            load_run(name, venv_python) if args.report_only else
             measure(name, source=source, venv_python=venv_python, tests=args.tests,
-                    keyword=args.keyword, timeout=args.timeout, run_timeout=args.run_timeout)
+                    keyword=args.keyword, timeout=args.timeout, run_timeout=args.run_timeout,
+                    reruns=not args.no_reruns)
             for name in args.runs
         ]
     except (HarnessError, subprocess.SubprocessError, OSError) as exc:
         print(f"celery_integration: {exc}", file=sys.stderr)
         return 2
-    report = build_report(version, args.tests, args.keyword, results)
+    report = build_report(version, results)
     REPORT_PATH.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"\nreport: {REPORT_PATH}")

@@ -35,7 +35,7 @@ def _write(record: dict[str, Any]) -> None:
 
 
 def _crash_message(report: pytest.TestReport) -> str:
-    """The first line of a failed report's error (``AssertionError: ...``, a timeout...)."""
+    """The first line of a failed (or rerun) report's error (``AssertionError: ...``...)."""
     crash = getattr(report.longrepr, "reprcrash", None)
     text = getattr(crash, "message", None) or report.longreprtext or ""
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
@@ -85,5 +85,5 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         "wasxfail": hasattr(report, "wasxfail"),
         "subtest": type(report).__name__ == "SubtestReport",
         "duration": round(report.duration, 3),
-        "message": _crash_message(report) if report.failed else "",
+        "message": _crash_message(report) if report.outcome in ("failed", "rerun") else "",
     })
