@@ -27,7 +27,12 @@ from reliable_tasks.exceptions import RetryNotAllowed
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.pulse import leases_may_expire, touch
 from reliable_tasks.querysets import TaskRecordQuerySet
-from reliable_tasks.states import CLAIMABLE_STATES, MANUALLY_RETRYABLE_STATES, TaskState
+from reliable_tasks.states import (
+    CLAIMABLE_STATES,
+    FINISHED_STATES,
+    MANUALLY_RETRYABLE_STATES,
+    TaskState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +248,7 @@ def record_retry(task_id: str, claimed: Claim, exc: BaseException | None,
 def record_replaced(task_id: str, claimed: Claim, replacement: str) -> bool:
     """REPLACED, from this attempt's STARTED only: the body handed its task id to
     ``replacement`` (``Task.replace``), whose dispatch takes the row over
-    (``take_over_replaced``). The history entry names the replacement."""
+    (``take_over``). The history entry names the replacement."""
     now = timezone.now()
     load_attempt(task_id, claimed)
     entry = {**_history_entry(claimed, TaskState.REPLACED, now), "replaced_by": replacement[:500]}
@@ -254,15 +259,18 @@ def record_replaced(task_id: str, claimed: Claim, replacement: str) -> bool:
     ) == 1 or _already(task_id, claimed, TaskState.REPLACED)
 
 
-def take_over_replaced(record: TaskRecord) -> bool:
-    """Make the REPLACED row of ``record``'s id the row of ``record``, the replacement's
-    call, as new (PENDING, no attempts yet); False if no row of that id is REPLACED.
+def take_over(record: TaskRecord) -> bool:
+    """Make the row of ``record``'s id the row of ``record``'s call, as new (PENDING, no
+    attempts yet), if that row is REPLACED or finished; False otherwise.
 
-    The history of the replaced attempts stays. The claim names the task, so a late copy of
-    the replaced task's message never runs the replacement's row.
+    A task id sent again is one row: the replacement of a ``replace()`` takes the REPLACED row
+    over, and a finished task sent again (a frozen signature or errback applied a second time)
+    runs again, as with Celery. The history of the earlier attempts stays. The claim names the
+    task, so a late copy of a replaced task's message never runs the replacement's row.
     """
     changes = {field: getattr(record, field) for field in _CALL_FIELDS}
-    return TaskRecord.objects.filter(pk=record.pk, state=TaskState.REPLACED).update(
+    return TaskRecord.objects.filter(pk=record.pk).transition(
+        (TaskState.REPLACED, *FINISHED_STATES),
         **changes, state=TaskState.PENDING, attempts=0, worker="", started_at=None,
         lease_expires_at=None, finished_at=None, publish_attempts=0, publish_error="",
         error_type="", error_message="", traceback="") == 1

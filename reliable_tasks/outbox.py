@@ -34,7 +34,7 @@ from reliable_tasks.exceptions import (
     PayloadError,
     UnknownTaskError,
 )
-from reliable_tasks.ledger import take_over_replaced
+from reliable_tasks.ledger import take_over
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
@@ -226,9 +226,10 @@ def _save_with_given_id(record: TaskRecord) -> None:
     """Insert the row of a call that names its task id, which may be in the ledger already.
 
     One task id is one row. A REPLACED row (``Task.replace`` froze the replacement with the
-    replaced task's id) becomes the replacement's. Any other row stays as it is (a frozen
-    signature applied again, a reused errback): the call is published as another message of
-    that task id, and the worker's claim decides whether it runs, as for any duplicate.
+    replaced task's id) becomes the replacement's, and a finished row becomes the new call's
+    (a frozen signature or errback applied again runs again, as with Celery). An unfinished row
+    stays as it is: the call is published as another message of that task id, and the worker's
+    claim decides whether it runs, as for any duplicate.
     """
     try:
         if connection.in_atomic_block:
@@ -237,9 +238,9 @@ def _save_with_given_id(record: TaskRecord) -> None:
         else:
             record.save(force_insert=True)
     except IntegrityError:
-        if not take_over_replaced(record):
-            logger.info("%s[%s]: the task id is in the ledger already; another message is "
-                        "published and the claim decides", record.task_name, record.pk)
+        if not take_over(record):
+            logger.info("%s[%s]: the task is in the ledger and not finished; another message "
+                        "is published and the claim decides", record.task_name, record.pk)
 
 
 def _normalize_call(call: Any) -> tuple[Any, Any, Any, dict[str, Any]]:

@@ -166,6 +166,21 @@ def test_a_signature_applied_twice_keeps_one_row_and_runs_once(worker):
     assert Execution.objects.filter(token="reused").count() == 1
 
 
+def test_a_finished_task_sent_again_runs_again_in_its_one_row(worker):
+    signature = record.s("sent-again")
+    signature.freeze()
+    first = signature.apply_async()
+    wait_for(lambda: state_of(first.id) == TaskState.SUCCESS, what="the first run")
+
+    signature.apply_async()  # as Celery does, a finished task id sent again runs again
+
+    wait_for(lambda: Execution.objects.filter(token="sent-again").count() == 2,
+             what="the second run")
+    wait_for(lambda: state_of(first.id) == TaskState.SUCCESS, what="the second outcome")
+    assert TaskRecord.objects.filter(pk=first.id).count() == 1
+    assert TaskRecord.objects.get(pk=first.id).attempts == 1
+
+
 @pytest.mark.parametrize(("shape", "expected", "ends_as"), [
     ("task", 6, "demo.add"),
     ("chain", 16, "demo.add"),

@@ -212,8 +212,8 @@ def test_a_replaced_row_is_taken_over_by_its_replacement_and_never_by_the_old_ta
 
     replacement = TaskRecord(id=row.id, task_name="demo.total", args=[[1, 2]],
                              next_attempt_at=timezone.now())
-    assert ledger.take_over_replaced(replacement)
-    assert not ledger.take_over_replaced(replacement), "only a REPLACED row is taken over"
+    assert ledger.take_over(replacement)
+    assert not ledger.take_over(replacement), "an unfinished row is not taken over"
 
     late_copy = claim(row, "w2")  # the replaced task's message, delivered again
     assert not late_copy.won
