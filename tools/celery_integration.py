@@ -105,6 +105,8 @@ class RunResult:
     selection: list[str]
     keyword: str | None
     reruns_enabled: bool
+    #: The commit of the repository and the files of the app that differed from it at the start.
+    source: dict[str, Any]
     exit_code: int | None
     timed_out: bool
     duration: float
@@ -374,16 +376,27 @@ def measure(name: str, *, source: Path, venv_python: Path, tests: Sequence[str],
         _check_call([str(venv_python), "manage.py", "migrate", "--noinput"], env=env,
                     cwd=REPO_ROOT, log=run_dir / "setup.log")
         print(f"[{name}] pytest running; log: {run_dir / 'pytest.log'}", flush=True)
-        started = time.monotonic()
+        code_state, started = source_state(), time.monotonic()
         exit_code = run_in_own_session(
             pytest_command(venv_python, tests, keyword=keyword, timeout=timeout,
                            reruns=reruns, junit=run_dir / "junit.xml"),
             env=env, cwd=source, log=run_dir / "pytest.log", timeout=run_timeout)
-    run_info = {"exit_code": exit_code, "duration": round(time.monotonic() - started, 1),
-                "database_url": database_url, "selection": list(tests), "keyword": keyword,
-                "reruns_enabled": reruns}
+    run_info = {"source": code_state, "exit_code": exit_code,
+                "duration": round(time.monotonic() - started, 1), "database_url": database_url,
+                "selection": list(tests), "keyword": keyword, "reruns_enabled": reruns}
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     return load_run(name, venv_python)
+
+
+def source_state() -> dict[str, Any]:
+    """The repository's commit and the uncommitted files of the code a run imports."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    changed = git("status", "--porcelain", "--", "reliable_tasks", "example_project", "tools")
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted": [line[3:] for line in changed.splitlines()]}
 
 
 def load_run(name: str, venv_python: Path) -> RunResult:
@@ -397,7 +410,7 @@ def load_run(name: str, venv_python: Path) -> RunResult:
     result = RunResult(
         name=name, task_cls=RUNS[name], database_url=info["database_url"],
         selection=info["selection"], keyword=info["keyword"],
-        reruns_enabled=info["reruns_enabled"], exit_code=info["exit_code"],
+        reruns_enabled=info["reruns_enabled"], source=info["source"], exit_code=info["exit_code"],
         timed_out=info["exit_code"] is None, duration=info["duration"],
         task_class_chain=_task_class_chain(records), tests=classify(records))
     check_run(result, records, run_dir / "pytest.log")
@@ -590,7 +603,9 @@ def format_report(report: Mapping[str, Any]) -> str:
         reruns = [test["reruns"] for test in run["tests"].values() if test["reruns"]]
         note += (f"; {sum(reruns)} reruns in {len(reruns)} tests" if run["reruns_enabled"]
                  else "; reruns disabled")
-        lines.append(f"[{run_name}] pytest exit {run['exit_code']} in {run['duration']:.0f} s"
+        dirty = " + uncommitted changes" if run["source"]["uncommitted"] else ""
+        lines.append(f"[{run_name}] at {run['source']['commit'][:10]}{dirty}: "
+                     f"pytest exit {run['exit_code']} in {run['duration']:.0f} s"
                      f"{note}; {run['ledger_table']} by state: {run['ledger_states']} "
                      f"({run['ledger_adopted']} adopted); "
                      f"STARTED rows left: {run['started_rows']}")

@@ -6,6 +6,7 @@ Loaded with ``-p tools.celery_integration_plugin`` after ``-p celery.contrib.pyt
   app is created, so Celery's Django fix-up and the ``reliable_tasks`` receivers are in place;
 - overrides Celery's ``celery_parameters`` session fixture: ``task_cls`` is
   ``CELERY_IT_TASK_CLS`` when that is set (the ``reliable`` run), Celery's default otherwise;
+- starts Celery's session worker before the first test, whatever ``-k`` selects;
 - appends one JSON object a line to ``CELERY_IT_RESULTS``: the collected tests, the task class
   chain of the session app, and every test report as it comes, so a killed run still leaves its
   results behind.
@@ -65,8 +66,13 @@ def celery_parameters() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _celery_it_record_task_class(celery_session_app: Any) -> None:
-    """Record the task class chain of the session app (the harness checks it per run)."""
+def _celery_it_session(celery_session_app: Any, celery_session_worker: Any) -> None:
+    """Start the session worker before the first test and record the session app's task class
+    chain (the harness checks it per run).
+
+    In a full run the first test starts the worker anyway; with ``-k`` a selection of tests
+    that call tasks without asking for the worker (``test_trace_log_arguments``) needs it too.
+    """
     _write({"kind": "meta", "task_class_chain": _class_chain(celery_session_app.Task)})
 
 
