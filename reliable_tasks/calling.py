@@ -58,7 +58,7 @@ def record_call(task: Any, args: Any, kwargs: Any, task_id: str | None, producer
     options.update({key: value for key, value in extra.items() if value is not None})
     record = dispatch(task, args, kwargs, task_id=task_id, **options)
     task_id = str(record.pk)
-    app = task._get_app()
+    app = task.app
     if not ignore_result:
         app.backend.on_task_call(producer, task_id)
     result: AsyncResult = task.AsyncResult(task_id)

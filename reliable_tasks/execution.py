@@ -133,8 +133,7 @@ class ReliableTask(DjangoTask):
             raise
         except Exception as exc:
             if claimed is not None and isinstance(exc, self._retry_for_classes()):
-                attempt = self._attempt(claimed)
-                delay = self.retry_delay(exc, attempt, claimed.max_attempts)
+                delay = self.retry_delay(exc, self._attempt(claimed), claimed.max_attempts)
                 if delay is not None:
                     # The attempts decide (max_attempts), not Celery's max_retries.
                     raise self.retry(exc=exc, countdown=delay,
