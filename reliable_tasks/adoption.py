@@ -2,7 +2,9 @@
 
 Every write is an upsert by task id that never moves a row backwards, wrapped in its own
 savepoint so a failure can never break the caller's transaction. These rows carry no outbox
-guarantee (``adopted=True``): the ledger shows them, the sweeper does not re-publish them.
+guarantee (``adopted=True``): the ledger shows them, the sweeper does not re-publish them. The
+signals write adopted rows only: once a ``ReliableTask`` call takes a row over
+(``ledger.take_over``), plain Celery's events for that id no longer move it.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _stored_or_empty(value: Any, empty: Any) -> Any:
 
 def _upsert(task_id: str, task_name: str, state: str, from_states: Iterable[str],
             **fields: Any) -> None:
-    changed = TaskRecord.objects.filter(id=task_id).transition(
+    """Move an adopted row on, or insert it; a ``ReliableTask``'s row is never written."""
+    changed = TaskRecord.objects.filter(id=task_id, adopted=True).transition(
         from_states, state=state, task_name=task_name, **fields)
     if changed:
         return
@@ -78,16 +81,23 @@ def adopt_published(task_id: Any, task_name: str, args: Any, kwargs: Any, queue:
 
 
 def adopt_started(task_id: Any, task_name: str, worker: str) -> None:
-    """A plain task started on a worker (a plain replacement takes its REPLACED row over)."""
+    """A plain task started on a worker (a plain replacement takes its REPLACED row over,
+    which is adopted from then on)."""
     valid_id = _valid_id(task_id)
     if valid_id is None:
         return
     now = timezone.now()
-    _guarded(lambda: _upsert(
-        valid_id, task_name, TaskState.STARTED,
-        (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.REPLACED),
-        started_at=now, worker=worker,
-    ), f"started {task_name}[{valid_id}]")
+
+    def write() -> None:
+        if TaskRecord.objects.filter(id=valid_id).transition(
+                (TaskState.REPLACED,), state=TaskState.STARTED, task_name=task_name,
+                started_at=now, worker=worker, adopted=True):
+            return
+        _upsert(valid_id, task_name, TaskState.STARTED,
+                (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY),
+                started_at=now, worker=worker)
+
+    _guarded(write, f"started {task_name}[{valid_id}]")
 
 
 def adopt_finished(task_id: Any, task_name: str, state: str, error: BaseException | None = None,

@@ -58,6 +58,11 @@ def backoff_seconds(attempt: int, base: float, maximum: float, jitter: bool) -> 
     return delay
 
 
+def _error_of(retrying: BaseException | None) -> BaseException | None:
+    """The error a retry records: the one ``retry(exc=...)`` names, none for a bare retry."""
+    return None if retrying is None or isinstance(retrying, Retry) else retrying
+
+
 class ReliableTask(DjangoTask):
     """Celery task base class backed by the ledger.
 
@@ -120,6 +125,10 @@ class ReliableTask(DjangoTask):
         try:
             retval = self.run(*args, **kwargs)
         except Retry:
+            if claimed is not None and request.is_eager:
+                self._store(ledger.record_retry, request.id, claimed,
+                            _error_of(request.reliable_retry),
+                            timezone.now() + timedelta(seconds=app_settings.PUBLISH_GRACE))
             raise
         except Ignore as exc:
             # After a replace() the row is the replacement's already and this writes nothing.
@@ -281,7 +290,7 @@ class ReliableTask(DjangoTask):
         if kwargs is not None:
             call_changes["kwargs"] = to_stored(dict(kwargs), "kwargs")
         recorded = self._store(functools.partial(
-            ledger.record_retry, task_id, claimed, None if isinstance(exc, Retry) else exc,
+            ledger.record_retry, task_id, claimed, _error_of(exc),
             sweeper_due_at, None, **call_changes))
         if not recorded:
             return super().apply_async(args, kwargs, task_id=task_id, **options)

@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from reliable_tasks import statements
@@ -26,7 +26,7 @@ from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.pulse import leases_may_expire, touch
-from reliable_tasks.querysets import TaskRecordQuerySet
+from reliable_tasks.querysets import TaskRecordQuerySet, state_still_in
 from reliable_tasks.states import (
     CLAIMABLE_STATES,
     FINISHED_STATES,
@@ -261,19 +261,23 @@ def record_replaced(task_id: str, claimed: Claim, replacement: str) -> bool:
 
 def take_over(record: TaskRecord) -> bool:
     """Make the row of ``record``'s id the row of ``record``'s call, as new (PENDING, no
-    attempts yet), if that row is REPLACED or finished; False otherwise.
+    attempts yet), if that row is REPLACED, finished or plain Celery's; False otherwise.
 
     A task id sent again is one row: the replacement of a ``replace()`` takes the REPLACED row
     over, and a finished task sent again (a frozen signature or errback applied a second time)
-    runs again, as with Celery. The history of the earlier attempts stays. The claim names the
-    task, so a late copy of a replaced task's message never runs the replacement's row.
+    runs again, as with Celery. A row adopted from plain Celery's signals and claimed by no
+    ``ReliableTask`` (no lease) carries no guarantee: the call takes it over whatever its
+    state (a plain task replacing itself with a ``ReliableTask``), and plain Celery's signals
+    no longer write it. The history of the earlier attempts stays. The claim names the task,
+    so a late copy of a replaced task's message never runs the replacement's row.
     """
     changes = {field: getattr(record, field) for field in _CALL_FIELDS}
-    return TaskRecord.objects.filter(pk=record.pk).transition(
-        (TaskState.REPLACED, *FINISHED_STATES),
-        **changes, state=TaskState.PENDING, attempts=0, worker="", started_at=None,
-        lease_expires_at=None, finished_at=None, publish_attempts=0, publish_error="",
-        error_type="", error_message="", traceback="") == 1
+    return TaskRecord.objects.filter(pk=record.pk).filter(
+        Q(adopted=True, lease_expires_at__isnull=True)
+        | Q(state_still_in((TaskState.REPLACED, *FINISHED_STATES))),
+    ).update(**changes, state=TaskState.PENDING, attempts=0, worker="", started_at=None,
+             lease_expires_at=None, finished_at=None, publish_attempts=0, publish_error="",
+             error_type="", error_message="", traceback="", adopted=False) == 1
 
 
 #: The columns of a row that describe its call (what a replacement brings).

@@ -21,11 +21,13 @@ from example_project.demo.tasks import (
     boom,
     gives_up,
     noop,
+    plain_replaced,
     record,
     reject_once,
     replaced,
     retries_by_default,
     retries_five,
+    retries_once,
     spawn,
     total,
 )
@@ -129,6 +131,21 @@ def test_apply_runs_the_body_every_time_and_the_ledger_keeps_the_first_run(redis
     assert (row.state, row.attempts) == (TaskState.SUCCESS, 1)
 
 
+def test_eager_retries_run_in_one_row_that_ends_with_the_last_run(redis_server):
+    assert retries_once.apply(("eager-retry",)).get() == 1
+    failed = retries_by_default.apply(("eager-retries",))
+
+    assert failed.failed()
+    assert Execution.objects.filter(token="eager-retry").count() == 2
+    assert Execution.objects.filter(token="eager-retries").count() == 4
+    rows = {row.task_name: row for row in TaskRecord.objects.all()}
+    assert (rows["demo.retries_once"].state, rows["demo.retries_once"].attempts) == (
+        TaskState.SUCCESS, 2)
+    assert (rows["demo.retries_by_default"].state,
+            rows["demo.retries_by_default"].attempts) == (TaskState.FAILURE, 4)
+    assert running_rows() == []
+
+
 def test_always_eager_calls_return_celery_s_eager_result(redis_server):
     celery_app.conf.task_always_eager = True
     try:
@@ -196,6 +213,16 @@ def test_a_replaced_task_ends_with_its_replacement_s_outcome(worker, shape, expe
     assert row.task_name == ends_as
     [handed_over] = [entry for entry in row.history if entry["outcome"] == TaskState.REPLACED]
     assert handed_over["replaced_by"]
+    wait_for(lambda: running_rows() == [], what="no row left running")
+
+
+def test_a_plain_task_replaced_by_a_reliable_one_hands_its_row_over(worker):
+    result = plain_replaced.delay(5)
+
+    assert result.get(timeout=60) == 6
+    wait_for(lambda: state_of(result.id) == TaskState.SUCCESS, what="the replacement's outcome")
+    row = TaskRecord.objects.get(pk=result.id)
+    assert (row.task_name, row.adopted, row.attempts) == ("demo.add", False, 1)
     wait_for(lambda: running_rows() == [], what="no row left running")
 
 

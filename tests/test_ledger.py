@@ -226,3 +226,31 @@ def test_a_replaced_row_is_taken_over_by_its_replacement_and_never_by_the_old_ta
     won = ledger.claim(str(row.id), task_name="demo.total", worker="w3",
                        rerun_after_lost=False)
     assert won.won
+
+
+def test_a_plain_task_s_row_is_taken_over_by_a_reliable_call_and_no_longer_adopted():
+    task_id = str(uuid.uuid4())
+    adoption.adopt_started(task_id, "demo.plain_replaced", "w1")
+    call = TaskRecord(id=task_id, task_name="demo.add", args=[5, 1],
+                      next_attempt_at=timezone.now())
+
+    assert ledger.take_over(call), "plain Celery's row carries no guarantee"
+    stored = TaskRecord.objects.get(pk=task_id)
+    assert (stored.task_name, stored.state, stored.adopted) == (
+        "demo.add", TaskState.PENDING, False)
+
+    adoption.adopt_finished(task_id, "demo.plain_replaced", TaskState.SUCCESS)
+    assert TaskRecord.objects.get(pk=task_id).state == TaskState.PENDING, (
+        "plain Celery's late events no longer move the row")
+
+
+def test_a_row_a_reliable_task_claimed_is_not_taken_over_while_it_runs():
+    row = TaskRecord.objects.create(task_name="demo.add", state=TaskState.QUEUED)
+    TaskRecord.objects.filter(pk=row.pk).delete()  # a delivery sent around the outbox
+    assert ledger.claim(str(row.id), task_name="demo.add", worker="w1",
+                        rerun_after_lost=False).won
+    assert TaskRecord.objects.get(pk=row.pk).adopted
+
+    assert not ledger.take_over(TaskRecord(id=row.id, task_name="demo.add",
+                                           next_attempt_at=timezone.now()))
+    assert TaskRecord.objects.get(pk=row.pk).state == TaskState.STARTED

@@ -205,6 +205,12 @@ def replaced(self: ReliableTask, shape: str, x: int) -> None:
     raise self.replace(replacements[shape]())
 
 
+@shared_task(bind=True, name="demo.plain_replaced")
+def plain_replaced(self, x: int) -> None:  # noqa: ANN001 - plain Celery task
+    """A plain Celery task that replaces itself with the ``ReliableTask`` ``add(x, 1)``."""
+    raise self.replace(add.s(x, 1))
+
+
 @shared_task(bind=True, base=ReliableTask, name="demo.reject_once", acks_late=True)
 def reject_once(self: ReliableTask, token: str) -> str:
     """Reject its first delivery with requeue, then log one execution and succeed."""
@@ -221,6 +227,15 @@ def retries_by_default(self: ReliableTask, token: str) -> None:
     """Log a run, then ``self.retry()`` for ever: Celery's default ``max_retries`` (3) ends it."""
     Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
     raise self.retry(countdown=0)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.retries_once")
+def retries_once(self: ReliableTask, token: str) -> int:
+    """Log a run; the first run asks for a retry, the second returns the retry count."""
+    Execution.objects.create(token=token, task_id=self.request.id or "", pid=os.getpid())
+    if not self.request.retries:
+        raise self.retry(countdown=0)
+    return self.request.retries
 
 
 @shared_task(bind=True, base=ReliableTask, name="demo.retries_five", max_retries=5)
