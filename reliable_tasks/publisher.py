@@ -2,8 +2,8 @@
 
 The connection is the app's own (one per thread and process), with socket timeouts and no
 connection retries, so a publish to a down or hung Redis fails within ``PUBLISH_TIMEOUT``
-instead of blocking the caller. Messages of one batch go out in one Redis pipeline
-(kombu's ``Producer.batch``).
+instead of blocking the caller. Messages of one batch go out in one Redis pipeline: kombu's
+``Producer.batch`` where kombu has it (5.7 and later), the same pipeline made here before.
 
 Each message is built and sent by Celery itself (``amqp.create_task_message`` and
 ``amqp.send_task_message``: protocol 2, the publish signals, the queue declaration). What is the
@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -29,6 +29,7 @@ from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from kombu import Connection, Producer
+from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.sentinel import SentinelConnectionPool
 
@@ -181,7 +182,8 @@ class _BatchContext:
         self.declared: set[str] = set()
         self.reply_to = app.thread_oid
         self.sent_event = app.conf.task_send_sent_event
-        self.repr_maxlevels = app.conf.task_repr_maxlevels
+        # Celery 5.7's setting; before it, Celery used saferepr's default depth of 3.
+        self.repr_maxlevels = app.conf.get("task_repr_maxlevels", 3)
         self.argsrepr_maxsize = amqp.argsrepr_maxsize
         self.kwargsrepr_maxsize = amqp.kwargsrepr_maxsize
         self.origin = anon_nodename()
@@ -289,10 +291,50 @@ def send_records(app: Celery, records: Sequence[Publishable]) -> None:
     Callers leave such rows PENDING; the worker's claim makes a second delivery harmless.
     """
     batch = _BatchContext(app)
-    with producer_for(app) as producer, producer.batch(  # type: ignore[attr-defined]
-            max_size=max(len(records), 1)):
+    with producer_for(app) as producer, _pipelined(producer, len(records)):
         for record in records:
             _send_one(batch, producer, record)
+
+
+def _pipelined(producer: Producer, size: int) -> AbstractContextManager[Any]:
+    """A block whose publishes through ``producer`` go to Redis together, at its end.
+
+    Nothing is sent if the block raises. kombu 5.7 and later do it with ``Producer.batch``;
+    before, ``_pipelined_puts`` does what that batch does on the Redis transport.
+    """
+    batch = getattr(producer, "batch", None)
+    if batch is not None:
+        return batch(max_size=max(size, 1))
+    return _pipelined_puts(producer.channel)
+
+
+@contextmanager
+def _pipelined_puts(channel: Any) -> Iterator[None]:
+    """Buffer a kombu (< 5.7) Redis channel's message puts in one pipeline, sent at the end.
+
+    kombu's Redis ``Channel._put`` LPUSHes each message, JSON as ``kombu.utils.json.dumps``
+    writes it, onto the list of its queue and priority (``_q_for_pri``: the queue's name, with
+    a suffix for a priority step above 0), one round trip per message. Here the channel's
+    ``_put`` pushes the same value onto the same key in a pipeline instead, for this block
+    only; exchange lookups and queue declarations still go straight to Redis, as in kombu's
+    batch. The pipeline is not a transaction and is never replayed (the publisher's
+    connections do not retry). A transport other than Redis publishes each message as sent.
+    """
+    if not hasattr(channel, "_q_for_pri"):
+        yield
+        return
+    with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+
+        def put(queue: str, message: dict[str, Any], **_: Any) -> None:
+            priority = channel._get_message_priority(message, reverse=False)
+            pipe.lpush(channel._q_for_pri(queue, priority), dumps(message))
+
+        channel._put = put
+        try:
+            yield
+        finally:
+            del channel._put
+        pipe.execute()
 
 
 def broker_run_id(app: Celery) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
+from kombu import Producer
+from kombu.exceptions import EncodeError
 
 from example_project.celery import app
 from example_project.demo.tasks import add
@@ -38,6 +40,27 @@ def sent_messages(redis_server) -> dict[str, tuple[str, dict[str, Any]]]:
             message["body"] = json.loads(base64.b64decode(message["body"]))
             found[message["headers"]["id"]] = (key, message)
     return found
+
+
+@pytest.fixture(params=["installed-kombu", "without-Producer.batch"])
+def kombu_batching(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Publishing as the installed kombu allows, then as kombu before 5.7 (no ``batch``) does.
+
+    kombu 5.7's ``Producer.batch`` is taken away for the second run, so that the pipeline
+    the publisher makes by hand for older kombu is tested whatever kombu is installed.
+    """
+    if request.param == "without-Producer.batch":
+        monkeypatch.delattr(Producer, "batch", raising=False)
+    return str(request.param)
+
+
+def without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` without what differs between two sends of one task: ids and delivery tag."""
+    headers = {key: value for key, value in message["headers"].items()
+               if key not in ("id", "root_id")}
+    properties = {key: value for key, value in message["properties"].items()
+                  if key not in ("correlation_id", "delivery_tag")}
+    return {**message, "headers": headers, "properties": properties}
 
 
 @pytest.fixture
@@ -121,3 +144,38 @@ def test_publishing_leaves_the_records_options_as_they_were_recorded(redis_serve
     assert row.options == options
     assert TaskRecord.objects.get(pk=row.pk).options == options
     assert str(row.id) in sent_messages(redis_server)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"priority": 5}, {"priority": 9}, {"queue": "other", "priority": 3},
+], ids=["default", "priority-5", "priority-9", "other-queue-priority-3"])
+def test_a_batch_puts_each_message_where_and_as_plain_celery_puts_it(
+        redis_server, kombu_batching, options):
+    # kombu's Redis transport keeps each priority step of a queue in a list of its own.
+    # ignore_result as the task's apply_async would give it (send_task knows no task).
+    plain_id = app.send_task("demo.add", args=[1, 2], ignore_result=False, **options).id
+    row = TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[1, 2], options=options)
+
+    send_records(app, [row])
+
+    sent = sent_messages(redis_server)
+    plain_key, plain = sent[plain_id]
+    key, message = sent[str(row.id)]
+    assert key == plain_key
+    assert key.startswith(options.get("queue", "celery"))
+    assert key.endswith("\x06\x163") is (options.get("priority") in (3, 5))
+    assert without_ids(message) == without_ids(plain)
+
+
+def test_nothing_of_a_batch_reaches_redis_when_one_of_its_messages_fails(
+        redis_server, kombu_batching):
+    rows = [TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[n, n]) for n in range(3)]
+    unencodable = TaskRecord(id=uuid.uuid4(), task_name="demo.add", args=[object(), 0])
+
+    with pytest.raises(EncodeError):
+        send_records(app, [*rows, unencodable])
+
+    assert sent_messages(redis_server) == {}, "the first three were held back with the last"
+    send_records(app, rows)
+    # LPUSHed in order: the head of the list is the last one, workers pop from the tail.
+    assert list(sent_messages(redis_server)) == [str(row.id) for row in reversed(rows)]
