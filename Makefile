@@ -5,14 +5,17 @@ PY := $(VENV)/bin/python
 comma := ,
 # MySQL/MariaDB needs the mysqlclient driver (built against libmariadb); only when asked for.
 EXTRAS := dev$(if $(filter mysql%,$(DATABASE_URL)),$(comma)mysql,)
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# Requirements installed with the project, e.g. PINS='django~=5.2.0 celery~=5.5.0' for the oldest
+# supported combination (give each combination a VENV of its own).
+PINS ?=
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))$(if $(PINS),-$(shell printf %s '$(PINS)' | tr -c 'A-Za-z0-9.' '-'))
 
 .PHONY: install demo test faults lint bench clean celery-integration
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]' $(PINS)
 	touch $(STAMP)
 
 install: $(STAMP)
