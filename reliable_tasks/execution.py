@@ -151,8 +151,13 @@ class ReliableTask(DjangoTask):
                 self._store(ledger.record_failure, request.id, claimed, exc)
             raise
         if claimed is not None:
-            self._store(ledger.record_success, request.id, claimed)
+            self._store(ledger.record_success, request.id, claimed, self.kept_return_value(retval))
         return retval
+
+    def kept_return_value(self, retval: Any) -> Any:
+        """What the ledger row keeps of a successful run's return value (JSON), or
+        ``ledger.NOT_KEPT`` (the default: Celery's result backend keeps results)."""
+        return ledger.NOT_KEPT
 
     def retry(self, args: Any = None, kwargs: Any = None, exc: BaseException | None = None,
               throw: bool = True, eta: datetime | None = None, countdown: float | None = None,

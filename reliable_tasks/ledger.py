@@ -202,15 +202,26 @@ def _error_fields(exc: BaseException, tb: str | None) -> dict[str, str]:
     }
 
 
-def record_success(task_id: str, claimed: Claim) -> bool:
+#: ``record_success(return_value=NOT_KEPT)``: the run's return value is not stored.
+NOT_KEPT: Any = object()
+
+
+def record_success(task_id: str, claimed: Claim, return_value: Any = NOT_KEPT) -> bool:
     """SUCCESS, unless another attempt took the row meanwhile (one UPDATE).
 
     A successful attempt is described by the row itself (worker, started_at, finished_at,
-    attempts); the history keeps the attempts that did not succeed.
+    attempts); the history keeps the attempts that did not succeed. A ``return_value`` (JSON)
+    is written to the row by the same UPDATE; ``None`` stores null.
     """
     assert claimed.started_at is not None, "a won claim has its start time"
-    changed = statements.succeed(task_id, worker=claimed.worker, started_at=claimed.started_at,
-                                 now=timezone.now())
+    now = timezone.now()
+    if return_value is NOT_KEPT:
+        changed = statements.succeed(task_id, worker=claimed.worker,
+                                     started_at=claimed.started_at, now=now)
+    else:
+        changed = _held_by(task_id, claimed).transition(
+            statements.SUCCESS_FROM_STATES, state=TaskState.SUCCESS, finished_at=now,
+            lease_expires_at=None, next_attempt_at=None, return_value=return_value)
     return changed == 1 or _already(task_id, claimed, TaskState.SUCCESS)
 
 

@@ -156,6 +156,10 @@ class TaskRecord(models.Model):
     traceback = models.TextField(blank=True, default="")
     history = models.JSONField(
         default=list, blank=True, help_text="The latest attempts, oldest first (bounded).")
+    return_value = models.JSONField(
+        null=True, blank=True,
+        help_text="The JSON return value of a successful run, for tasks that keep it "
+                  "(django.tasks tasks run by ReliableCeleryBackend).")
 
     schedule = models.ForeignKey(
         PeriodicSchedule, null=True, blank=True, on_delete=models.SET_NULL, related_name="runs")
