@@ -16,13 +16,16 @@ the publish (the bulk variant: one ``bulk_create``, a loop of ``apply_async`` an
 Plain Celery and the naive outbox run with ledger adoption off (``RELIABLE_TASKS_ADOPT=False``),
 so plain Celery is measured alone.
 
-Run: ``.venv/bin/python -m benchmarks.bench_dispatch [--rounds 5]``.
+Run: ``.venv/bin/python -m benchmarks.bench_dispatch [--rounds 5] [--json FILE]``; ``--json``
+also writes every timed run's seconds, by scenario and variant (``benchmarks.bench_versions``
+reads them to compare Celery versions).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -300,13 +303,26 @@ def run(env: BenchEnvironment, rounds: int = 5) -> list[Row]:
     return rows
 
 
+def write_seconds(rows: Sequence[Row], path: str) -> None:
+    """Write ``[{"scenario", "variant", "tasks", "baseline", "seconds": [...]}, ...]`` to
+    ``path`` (``baseline``: plain Celery, which the scenario's ratios are taken against)."""
+    runs = [{"scenario": row.scenario, "variant": row.variant, "tasks": row.tasks,
+             "baseline": row.baseline, "seconds": list(row.seconds)} for row in rows]
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(runs, out, indent=1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the publish-side benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed runs per variant")
+    parser.add_argument("--json", metavar="FILE",
+                        help="also write the seconds of every run to FILE, as JSON")
     args = parser.parse_args(argv)
     with bench_environment() as env:
         rows = run(env, rounds=args.rounds)
+    if args.json:
+        write_seconds(rows, args.json)
     print_table(rows, title=f"Publish side (median of {args.rounds} interleaved runs)")
     print_problems(env.problems)
     return 1 if env.problems else 0
