@@ -133,6 +133,24 @@ CELERY_BEAT_MAX_LOOP_INTERVAL = 5
 if os.environ.get("REDBEAT_LOCK_KEY"):  # tests force a second beat past the lock this way
     CELERY_REDBEAT_LOCK_KEY = os.environ["REDBEAT_LOCK_KEY"]
 
+# Django's task framework (django.tasks; the django-tasks backport on Django 5.2) on the ledger.
+# Tasks of the "retrying" backend retry FlakyError, three attempts in all.
+TASKS = {
+    "default": {
+        "BACKEND": "reliable_tasks.backend.ReliableCeleryBackend",
+        "QUEUES": ["default", "emails"],
+    },
+    "retrying": {
+        "BACKEND": "reliable_tasks.backend.ReliableCeleryBackend",
+        "OPTIONS": {
+            "max_attempts": 3,
+            "retry_for": ["example_project.demo.django_tasks.FlakyError"],
+            "retry_backoff": 0.2,
+            "retry_backoff_max": 0.5,
+        },
+    },
+}
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

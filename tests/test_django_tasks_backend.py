@@ -1,0 +1,341 @@
+"""``ReliableCeleryBackend``: Django's task framework on the ledger, against a real worker.
+
+The example project's ``TASKS`` configures the backend (``default``, and ``retrying`` whose
+tasks retry ``FlakyError``); its tasks are in ``example_project.demo.django_tasks``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.db import transaction
+from django.test import override_settings
+from django.utils import timezone
+
+from example_project.demo import django_tasks as demo
+from example_project.demo.models import Execution
+from example_project.demo.tasks import add as celery_add
+from example_project.devservers import RedisServer
+from reliable_tasks.backend import (
+    STATUS_BY_STATE,
+    InvalidTask,
+    ReliableCeleryBackend,
+    TaskResultDoesNotExist,
+    celery_priority,
+    celery_queue,
+)
+from reliable_tasks.models import TaskRecord
+from reliable_tasks.outbox import dispatch
+from reliable_tasks.runner import RUNNER_NAME
+from reliable_tasks.states import TaskState
+from reliable_tasks.sweeper import sweep
+from tests.test_execution import state_of, wait_for
+
+try:
+    from django.tasks import TaskResultStatus, default_task_backend, task, task_backends
+except ImportError:
+    from django_tasks import TaskResultStatus, default_task_backend, task, task_backends
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def plain_function() -> None:
+    """A module-level function that is not a Task at its module path."""
+
+
+def takes_no_context() -> None:
+    """A function without a ``context`` argument."""
+
+
+def finished(result_id: str) -> bool:
+    return default_task_backend.get_result(result_id).is_finished
+
+
+def tokens(result_id: str) -> list[str]:
+    return sorted(Execution.objects.filter(task_id=result_id).values_list("token", flat=True))
+
+
+def queued_messages(server: RedisServer) -> dict[str, list[dict[str, object]]]:
+    """Every message waiting in the broker, by Redis list (priority lists included)."""
+    client = server.client()
+    found = {}
+    for key in client.keys("*"):
+        if client.type(key) == "list":
+            found[key] = [json.loads(raw) for raw in client.lrange(key, 0, -1)]
+    return found
+
+
+@pytest.fixture
+def worker(redis_server, celery_worker):
+    return celery_worker(redis_server)
+
+
+# --- the backend ------------------------------------------------------------------------------
+
+
+def test_the_backend_supports_defer_results_async_tasks_and_priorities():
+    backend = task_backends["default"]
+
+    assert isinstance(backend, ReliableCeleryBackend)
+    assert (backend.supports_defer, backend.supports_get_result, backend.supports_async_task,
+            backend.supports_priority) == (True, True, True, True)
+
+
+@pytest.mark.parametrize("state", list(TaskState))
+def test_every_ledger_state_has_a_status(state):
+    row = TaskRecord.objects.create(
+        task_name=RUNNER_NAME, state=state,
+        args=[demo.add.module_path, [1, 2], {}], kwargs={"backend": "default"})
+
+    status = default_task_backend.get_result(str(row.pk)).status
+
+    assert status == STATUS_BY_STATE[state]
+    expected = {TaskState.STARTED: TaskResultStatus.RUNNING,
+                TaskState.SUCCESS: TaskResultStatus.SUCCESSFUL}.get(state)
+    if expected is None:
+        expected = (TaskResultStatus.READY if state in (
+            TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.REPLACED)
+            else TaskResultStatus.FAILED)
+    assert status == expected
+
+
+def test_an_unknown_result_id_does_not_exist(redis_server):
+    other = dispatch(celery_add, (1, 2))  # a ledger row, but not of a django.tasks task
+
+    for result_id in (str(uuid.uuid4()), "not-a-uuid", str(other.pk)):
+        with pytest.raises(TaskResultDoesNotExist):
+            default_task_backend.get_result(result_id)
+        with pytest.raises(TaskResultDoesNotExist):
+            async_to_sync(default_task_backend.aget_result)(result_id)
+
+
+def test_priorities_map_onto_redis_priorities_highest_first():
+    mapped = [celery_priority(priority) for priority in range(-100, 101)]
+
+    assert (celery_priority(100), celery_priority(0), celery_priority(-100)) == (0, 4, 9)
+    assert mapped == sorted(mapped, reverse=True)
+    assert set(mapped) == set(range(10))
+
+
+def test_the_default_queue_is_celery_s_and_others_keep_their_name():
+    assert celery_queue("default") == "celery"
+    assert celery_queue("emails") == "emails"
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("make", "error"), [
+    (lambda: task(priority=101)(plain_function), "priority"),
+    (lambda: task(priority=-101)(plain_function), "priority"),
+    (lambda: task(queue_name="unknown")(plain_function), "Queue 'unknown'"),
+    (lambda: task(takes_context=True)(takes_no_context), "context"),
+    (lambda: task(lambda: None), "module level"),
+    (lambda: task(plain_function).using(run_after=timezone.now().replace(tzinfo=None)),
+     "aware"),
+])
+def test_tasks_the_framework_refuses_are_refused(make, error):
+    with pytest.raises(InvalidTask, match=error):
+        make()
+
+
+def test_a_task_a_worker_cannot_find_by_its_path_is_refused_at_enqueue(redis_server):
+    renamed = task(plain_function)  # the path names the function, not this Task
+
+    with pytest.raises(InvalidTask, match="plain_function"):
+        renamed.enqueue()
+    assert TaskRecord.objects.count() == 0
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error"), [
+    ((object(), 1), {}, TypeError),
+    ((1,), {"y": b"\xff"}, ValueError),
+    ((1,), {"y": {1, 2}}, TypeError),
+])
+def test_arguments_that_are_not_json_are_refused_with_nothing_recorded(
+        redis_server, args, kwargs, error):
+    with pytest.raises(error, match="of task example_project.demo.django_tasks.add must be JSON"):
+        demo.add.enqueue(*args, **kwargs)
+    assert TaskRecord.objects.count() == 0
+
+
+# --- enqueue: the outbox ----------------------------------------------------------------------
+
+
+def test_an_enqueue_rolled_back_never_runs(worker):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        demo.record.enqueue("rolled-back")
+        raise RuntimeError("roll back")
+    later = demo.record.enqueue("committed")
+
+    wait_for(lambda: finished(later.id), what="the committed task")
+    assert TaskRecord.objects.count() == 1
+    assert not Execution.objects.filter(token="rolled-back").exists()
+
+
+def test_an_enqueue_is_recorded_in_the_transaction_and_runs_after_commit(worker):
+    with transaction.atomic():
+        result = demo.add.enqueue(2, 3)
+        row = TaskRecord.objects.get(pk=result.id)
+        assert (row.state, result.status) == (TaskState.PENDING, TaskResultStatus.READY)
+
+    wait_for(lambda: finished(result.id), what="the run")
+    done = demo.add.get_result(result.id)
+    assert (done.status, done.return_value, done.attempts) == (TaskResultStatus.SUCCESSFUL, 5, 1)
+    assert (done.args, done.kwargs, done.errors) == ([2, 3], {}, [])
+    [worker_id] = done.worker_ids
+    assert worker_id.startswith(worker.hostname.split("@")[0] + "@")
+    assert done.enqueued_at <= done.started_at <= done.finished_at
+    assert done.last_attempted_at == done.started_at
+    result.refresh()
+    assert result.return_value == 5
+    assert f"{demo.add.module_path}[{result.id}]" in worker.log_text(), "the worker log names it"
+
+
+def test_an_async_enqueue_and_result_and_a_coroutine_task(worker):
+    result = async_to_sync(demo.async_add.aenqueue)(3, 4)
+
+    wait_for(lambda: finished(result.id), what="the run")
+    done = async_to_sync(demo.async_add.aget_result)(result.id)
+    assert (done.status, done.return_value) == (TaskResultStatus.SUCCESSFUL, 7)
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def test_return_values_are_normalised_to_json(worker):
+    result = demo.returns_a_tuple.enqueue()
+
+    wait_for(lambda: finished(result.id), what="the run")
+    assert demo.returns_a_tuple.get_result(result.id).return_value == [1, "two", {"three": 3.0}]
+    assert TaskRecord.objects.get(pk=result.id).return_value == [1, "two", {"three": 3.0}]
+
+
+def test_a_return_value_that_is_not_json_fails_the_task(worker):
+    result = demo.returns_a_set.enqueue()
+
+    wait_for(lambda: finished(result.id), what="the run")
+    done = demo.returns_a_set.get_result(result.id)
+    assert done.status == TaskResultStatus.FAILED
+    assert [error.exception_class for error in done.errors] == [TypeError]
+
+
+def test_a_failing_task_is_failed_with_its_error(worker):
+    result = demo.fails.enqueue("it broke")
+
+    wait_for(lambda: finished(result.id), what="the run")
+    done = demo.fails.get_result(result.id)
+    assert (done.status, done.attempts) == (TaskResultStatus.FAILED, 1)
+    [error] = done.errors
+    assert error.exception_class_path == "builtins.ValueError"
+    assert error.exception_class is ValueError
+    assert "Traceback" in error.traceback and "it broke" in error.traceback
+    with pytest.raises(ValueError, match="failed"):
+        done.return_value  # noqa: B018 - the framework raises for a failed task
+    assert state_of(result.id) == TaskState.FAILURE
+
+
+def test_retries_are_attempts_each_with_its_worker_and_error(worker):
+    result = demo.flaky.enqueue(2)
+
+    wait_for(lambda: finished(result.id), what="the third attempt")
+    done = demo.flaky.get_result(result.id)
+    assert (done.status, done.return_value, done.attempts) == (TaskResultStatus.SUCCESSFUL, 3, 3)
+    assert len(done.worker_ids) == 3 and all(done.worker_ids)
+    assert [error.exception_class for error in done.errors] == [demo.FlakyError] * 2
+    assert done.started_at < done.last_attempted_at
+
+
+def test_a_task_whose_attempts_are_used_up_is_failed_with_every_error(worker):
+    result = demo.flaky.enqueue(5)
+
+    wait_for(lambda: finished(result.id), what="the last attempt")
+    done = demo.flaky.get_result(result.id)
+    assert (done.status, done.attempts) == (TaskResultStatus.FAILED, 3)
+    assert [error.exception_class for error in done.errors] == [demo.FlakyError] * 3
+    assert "attempt 1 fails" in done.errors[0].traceback
+    last = done.errors[-1].traceback
+    assert "Traceback" in last and "attempt 3 fails" in last
+
+
+def test_a_task_that_takes_context_gets_its_result_and_attempt(worker):
+    result = demo.describe.enqueue("ctx")
+
+    wait_for(lambda: finished(result.id), what="the run")
+    assert demo.describe.get_result(result.id).return_value == {
+        "label": "ctx", "attempt": 1, "id": result.id, "status": "RUNNING"}
+
+
+def test_the_framework_s_signals_fire(worker):
+    succeeds, fails = demo.add.enqueue(1, 1), demo.fails.enqueue("signal")
+
+    wait_for(lambda: finished(succeeds.id) and finished(fails.id), what="both runs")
+    wait_for(lambda: len(tokens(fails.id)) == 3, what="the failure's signals")
+    assert tokens(succeeds.id) == ["signal:enqueued:READY", "signal:finished:SUCCESSFUL",
+                                   "signal:started:RUNNING"]
+    assert tokens(fails.id) == ["signal:enqueued:READY", "signal:finished:FAILED",
+                                "signal:started:RUNNING"]
+
+
+def test_task_enqueued_fires_at_commit_only(redis_server):
+    with transaction.atomic():
+        result = demo.add.enqueue(1, 1)
+        assert tokens(result.id) == []
+    assert tokens(result.id) == ["signal:enqueued:READY"]
+
+
+# --- run_after, priorities and queues ---------------------------------------------------------
+
+
+def test_run_after_far_ahead_is_held_in_the_database(redis_server):
+    run_after = timezone.now() + timedelta(hours=1)
+
+    result = demo.add.using(run_after=run_after).enqueue(1, 2)
+
+    row = TaskRecord.objects.get(pk=result.id)
+    assert (row.state, row.eta, row.next_attempt_at) == (TaskState.PENDING, run_after, run_after)
+    assert queued_messages(redis_server) == {}
+    assert default_task_backend.get_result(result.id).task.run_after == run_after
+
+
+def test_a_held_task_is_published_by_the_sweeper_when_due_and_runs(worker, redis_server):
+    with override_settings(RELIABLE_TASKS_DELAY_THRESHOLD=1):
+        result = demo.add.using(run_after=timezone.now() + timedelta(seconds=2)).enqueue(2, 2)
+        assert state_of(result.id) == TaskState.PENDING
+        sweep()
+        assert state_of(result.id) == TaskState.PENDING, "not due yet"
+        wait_for(lambda: sweep().as_dict() and state_of(result.id) != TaskState.PENDING,
+                 what="the sweeper's publish when due")
+
+    wait_for(lambda: finished(result.id), what="the run")
+    assert demo.add.get_result(result.id).return_value == 4
+
+
+def test_priority_and_queue_name_map_onto_the_message(redis_server):
+    urgent = demo.send_email.enqueue("ops@example.com")
+    ordinary = demo.add.enqueue(1, 1)
+    unimportant = demo.add.using(priority=-100).enqueue(1, 1)
+
+    by_id = {message["headers"]["id"]: (key, message)
+             for key, messages in queued_messages(redis_server).items() for message in messages}
+    key, message = by_id[urgent.id]
+    assert (key, message["properties"]["priority"]) == ("emails", 2)
+    assert message["headers"]["shadow"] == demo.send_email.module_path
+    assert message["headers"]["task"] == RUNNER_NAME
+    assert by_id[ordinary.id][0].startswith("celery") and by_id[ordinary.id][0] != "celery"
+    assert by_id[ordinary.id][1]["properties"]["priority"] == 4
+    assert by_id[unimportant.id][1]["properties"]["priority"] == 9
+    assert TaskRecord.objects.get(pk=urgent.id).queue == "emails"
+
+
+def test_a_worker_of_the_mapped_queue_runs_its_tasks(redis_server, celery_worker):
+    celery_worker(redis_server, extra_args=["--queues=emails"])
+
+    result = demo.send_email.enqueue("ops@example.com")
+
+    wait_for(lambda: finished(result.id), what="the run on the emails queue")
+    assert demo.send_email.get_result(result.id).return_value == "sent to ops@example.com"
