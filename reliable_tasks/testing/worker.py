@@ -11,11 +11,15 @@ pool process to interrupt).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from celery import signals
 from celery.app.trace import build_tracer
 from celery.exceptions import Retry
+from django.db import connections
 
 if TYPE_CHECKING:
     from reliable_tasks.models import TaskRecord
@@ -87,6 +91,35 @@ def _request(record: TaskRecord, task: Any, options: dict[str, Any]) -> dict[str
     return request
 
 
+#: This app's receivers that close old connections around a task, as Django's request cycle does.
+_CLOSING_RECEIVERS = ((signals.task_prerun, "reliable_tasks.on_task_prerun"),
+                      (signals.task_postrun, "reliable_tasks.on_task_postrun"))
+
+
+@contextmanager
+def _connections_kept() -> Iterator[None]:
+    """Inside a transaction (a TestCase's), keep the connections open around a delivery.
+
+    This app's ``task_prerun`` and ``task_postrun`` receivers close connections that look
+    broken, and one inside a transaction does: closing it would end the test's transaction.
+    They are left out for the delivery and put back as they were, in their places, as Django's
+    test client leaves out ``close_old_connections`` around a request.
+    """
+    if not any(conn.in_atomic_block for conn in connections.all(initialized_only=True)):
+        yield
+        return
+    saved = [(signal, list(signal.receivers)) for signal, _ in _CLOSING_RECEIVERS]
+    for signal, uid in _CLOSING_RECEIVERS:
+        signal.disconnect(dispatch_uid=uid)
+    try:
+        yield
+    finally:
+        for signal, receivers in saved:
+            with signal.lock:
+                signal.receivers[:] = receivers
+                signal.sender_receivers_cache.clear()
+
+
 def deliver(record: TaskRecord) -> Run:
     """Run one delivery of ``record``'s task here and now, as a worker would; return the run.
 
@@ -110,7 +143,8 @@ def deliver(record: TaskRecord) -> Run:
     # the task claims, retries and records exactly as on a worker.
     trace = build_tracer(task.name, task, app=app, eager=True, propagate=False,
                          hostname=WORKER)
-    traced = trace(str(record.pk), list(args), dict(kwargs), request)
+    with _connections_kept():
+        traced = trace(str(record.pk), list(args), dict(kwargs), request)
     record.refresh_from_db()
     if traced.info is None:
         return Run(record, result=traced.retval)
