@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
+from reliable_tasks.runner import run_django_task  # noqa: F401 - registers the task
 from reliable_tasks.sweeper import sweep
 
 
