@@ -8,6 +8,7 @@ import textwrap
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from celery.signals import task_postrun, task_prerun
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
@@ -328,12 +329,15 @@ class InsideATestCase(TestCase):
     """The test's transaction never commits: the end of ``run_at_commit()`` stands in for it."""
 
     def test_the_end_of_the_block_stands_in_for_the_commit(self):
+        receivers = [list(signal.receivers) for signal in (task_prerun, task_postrun)]
         with run_at_commit() as runs:
             dispatched = record.delay("testcase")
             self.assertEqual(runs, [])
         self.assertEqual([str(run.record.pk) for run in runs], [dispatched.id])
         self.assertEqual(TaskRecord.objects.get(pk=dispatched.id).state, TaskState.SUCCESS)
         self.assertEqual(executions("testcase"), 1)
+        self.assertEqual([list(signal.receivers) for signal in (task_prerun, task_postrun)],
+                         receivers, "the receivers left out for the run are back, in order")
 
     def test_a_rolled_back_savepoint_runs_nothing(self):
         with run_at_commit() as runs, self.assertRaises(RuntimeError), transaction.atomic():

@@ -114,10 +114,8 @@ def _connections_kept() -> Iterator[None]:
     try:
         yield
     finally:
-        for signal, receivers in saved:
-            with signal.lock:
-                signal.receivers[:] = receivers
-                signal.sender_receivers_cache.clear()
+        for signal, receivers in saved:  # neither signal caches its receivers per sender
+            signal.receivers[:] = receivers
 
 
 def deliver(record: TaskRecord) -> Run:
