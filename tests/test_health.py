@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
 from redis.exceptions import ResponseError
@@ -110,7 +110,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
 
 @contextlib.contextmanager
 def app_pointed_at(broker_url: str, redbeat_url: str | None = None) -> Iterator[None]:
-    """Point the Celery app's broker and RedBeat (default: the broker's) for the block."""
+    """Point the Celery app's broker and RedBeat (default: the broker's) for the block.
+
+    Django's settings are overridden too: the app reads them (``CELERY_*``) live, and before
+    Celery 5.7 they take precedence over ``conf.update()``.
+    """
     saved = {key: celery_app.conf.get(key) for key in ("broker_url", "redbeat_redis_url")}
 
     def drop() -> None:
@@ -121,9 +125,11 @@ def app_pointed_at(broker_url: str, redbeat_url: str | None = None) -> Iterator[
         celery_app.__dict__.pop("redbeat_conf", None)
 
     drop()
-    celery_app.conf.update(broker_url=broker_url, redbeat_redis_url=redbeat_url or broker_url)
+    urls = {"broker_url": broker_url, "redbeat_redis_url": redbeat_url or broker_url}
+    celery_app.conf.update(urls)
     try:
-        yield
+        with override_settings(**{f"CELERY_{key.upper()}": url for key, url in urls.items()}):
+            yield
     finally:
         drop()
         celery_app.conf.update(saved)
