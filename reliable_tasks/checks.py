@@ -9,6 +9,12 @@ Ids are stable and never reused (the README's table lists them all):
 - ``W001``-``W004``, ``E003``: unsafe Celery configuration of the project's app (pickle, no
   ``redbeat_redis_url``, a beat scheduler that is not ours, ``retry_on_lost`` tasks without
   ``acks_late``, a Redis ``visibility_timeout`` shorter than the longest delay left in Redis);
+- ``TASKS`` entries of ``ReliableCeleryBackend`` (``django.tasks``): ``E006`` the backend cannot
+  be imported (no task framework installed), ``E007`` ``QUEUES`` or ``OPTIONS`` of the wrong
+  shape or an unknown option, ``E008`` an option's value is invalid, ``E009`` a queue Celery
+  refuses (not in ``task_queues``, ``task_create_missing_queues`` off), ``W009`` a queue not in
+  ``task_queues`` (no worker started without ``-Q`` consumes it), ``E010`` the Celery task
+  that runs these tasks is not registered with the app;
 - deploy only (``check --deploy``), over the network with short timeouts: ``W005`` the broker's
   Redis could not be checked, ``E004`` its ``maxmemory-policy`` is not ``noeviction``, ``W007``
   its sentinels fail a silent master over sooner than a publish gives up on it.
@@ -19,7 +25,7 @@ do no I/O: reading the app's configuration and importing its task modules is all
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import import_module
 from typing import Any, cast
 
@@ -27,7 +33,7 @@ from celery import Celery
 from celery.utils.imports import symbol_by_name
 from django.conf import settings
 from django.core import checks
-from django.utils.module_loading import autodiscover_modules
+from django.utils.module_loading import autodiscover_modules, import_string
 
 from reliable_tasks.conf import PREFIX, SPECS, app_settings
 from reliable_tasks.publisher import SENTINEL_RECHECK_AFTER, shortest_safe_down_after
@@ -235,6 +241,147 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
     return messages
 
 
+# --- TASKS: django.tasks backends ---------------------------------------------------------------
+
+#: The dotted path of the app's ``django.tasks`` backend.
+OUR_TASK_BACKEND = "reliable_tasks.backend.ReliableCeleryBackend"
+
+
+def check_task_backends(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """E006-E010, W009: the ``TASKS`` entries whose backend is ``ReliableCeleryBackend``
+    (no I/O: the backends are not created, the Celery app's configuration is read)."""
+    configured = getattr(settings, "TASKS", None)
+    if not isinstance(configured, Mapping):
+        return []
+    messages: list[checks.CheckMessage] = []
+    ours = []
+    for alias, params in configured.items():
+        if not isinstance(params, Mapping):
+            continue
+        backend, problem = _task_backend_class(alias, params.get("BACKEND"))
+        if problem is not None:
+            messages.append(problem)
+        elif backend is not None:
+            ours.append(alias)
+            messages.extend(_task_backend_messages(alias, params))
+    if ours and not messages:
+        messages.extend(_runner_messages(ours))
+    return messages
+
+
+def _task_backend_class(alias: str, path: Any) -> tuple[type | None, checks.CheckMessage | None]:
+    """``TASKS[alias]``'s backend if it is ours (or a subclass), or E006 when ours does not
+    import; (None, None) for another backend."""
+    if not isinstance(path, str):
+        return None, None
+    try:
+        found = import_string(path)
+        from reliable_tasks.backend import ReliableCeleryBackend
+    except ImportError as exc:
+        if path != OUR_TASK_BACKEND:
+            return None, None  # another backend's problem: the framework reports it
+        return None, checks.Error(
+            f"TASKS[{alias!r}] uses {OUR_TASK_BACKEND}, which cannot be imported: {exc}.",
+            hint="It needs Django's task framework: Django 6.0 or later, or on Django 5.2 the "
+                 "backport (pip install 'django-tasks>=0.12').",
+            id="reliable_tasks.E006")
+    if isinstance(found, type) and issubclass(found, ReliableCeleryBackend):
+        return found, None
+    return None, None
+
+
+def _task_backend_messages(alias: str, params: Mapping[str, Any]) -> list[checks.CheckMessage]:
+    from reliable_tasks.backend import OPTION_NAMES
+
+    where = f"TASKS[{alias!r}]"
+    queues = params.get("QUEUES", ["default"])
+    options = params.get("OPTIONS", {})
+    shape = []
+    if not isinstance(queues, list | tuple) or not all(isinstance(q, str) for q in queues):
+        shape.append(f"{where}['QUEUES'] must be a list of queue names, not {queues!r}.")
+    if not isinstance(options, Mapping):
+        shape.append(f"{where}['OPTIONS'] must be a dict, not {type(options).__name__}.")
+    elif set(options) - OPTION_NAMES:
+        unknown = ", ".join(sorted(map(str, set(options) - OPTION_NAMES)))
+        shape.append(f"{where}['OPTIONS'] has unknown option(s): {unknown}.")
+    if shape:
+        return [checks.Error(
+            text, hint=f"QUEUES lists the queue names tasks may use; OPTIONS takes "
+                       f"{', '.join(sorted(OPTION_NAMES))}.",
+            id="reliable_tasks.E007") for text in shape]
+    return [*_task_option_messages(where, options), *_task_queue_messages(where, queues)]
+
+
+def _task_option_messages(where: str, options: Mapping[str, Any]) -> Iterator[checks.CheckMessage]:
+    from reliable_tasks.runner import exception_classes
+
+    problems = []
+    attempts = options.get("max_attempts")
+    if attempts is not None and (isinstance(attempts, bool) or not isinstance(attempts, int)
+                                 or attempts < 1):
+        problems.append(f"max_attempts must be a positive integer, not {attempts!r}")
+    for name in ("retry_backoff", "retry_backoff_max"):
+        value = options.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            problems.append(f"{name} must be a number of seconds (0 or more), not {value!r}")
+    retry_for = options.get("retry_for", ())
+    try:
+        if isinstance(retry_for, str) or not isinstance(retry_for, list | tuple):
+            raise TypeError(f"retry_for must be a list, not {retry_for!r}")
+        exception_classes(retry_for)
+    except (ImportError, TypeError) as exc:
+        problems.append(str(exc).rstrip("."))
+    for problem in problems:
+        yield checks.Error(
+            f"{where}['OPTIONS']: {problem}.",
+            hint="retry_for lists exception classes or their dotted paths, e.g. "
+                 "['myapp.errors.Flaky'].",
+            id="reliable_tasks.E008")
+
+
+def _task_queue_messages(where: str, queues: Iterable[str]) -> Iterator[checks.CheckMessage]:
+    from reliable_tasks.backend import celery_queue
+
+    app, _ = _resolve_app()
+    declared = getattr(app.conf, "task_queues", None) if app is not None else None
+    if app is None or not declared:
+        return  # any queue name is created on demand (E005 reports an app that is missing)
+    names = {getattr(queue, "name", queue) for queue in declared}
+    for queue_name in queues:
+        celery_name = celery_queue(queue_name)
+        if celery_name in names:
+            continue
+        text = (f"{where}['QUEUES'] has {queue_name!r}, whose Celery queue {celery_name!r} is "
+                f"not in the Celery app's task_queues ({', '.join(sorted(map(str, names)))})")
+        if not app.conf.task_create_missing_queues:
+            yield checks.Error(
+                f"{text}, and task_create_missing_queues is off: its tasks can never be "
+                f"published and wait PENDING.",
+                hint="Add the queue to CELERY_TASK_QUEUES, or take it out of QUEUES.",
+                id="reliable_tasks.E009")
+        else:
+            yield checks.Warning(
+                f"{text}: workers started without -Q do not consume it, so its tasks wait.",
+                hint="Add the queue to CELERY_TASK_QUEUES, or start a worker with "
+                     f"-Q {celery_name}.",
+                id="reliable_tasks.W009")
+
+
+def _runner_messages(aliases: list[str]) -> Iterator[checks.CheckMessage]:
+    from reliable_tasks.runner import RUNNER_NAME
+
+    app, _ = _resolve_app()
+    if app is None or RUNNER_NAME in dict(_registered_tasks(app)):
+        return
+    yield checks.Error(
+        f"TASKS {', '.join(map(repr, aliases))} use ReliableCeleryBackend, but the Celery task "
+        f"that runs their tasks, {RUNNER_NAME}, is not registered with the Celery app "
+        f"{app.main!r}: workers would discard them as unregistered.",
+        hint="Let the Celery app find the tasks of installed apps: app.autodiscover_tasks() "
+             "after app.config_from_object('django.conf:settings', namespace='CELERY').",
+        id="reliable_tasks.E010")
+
+
 # --- deploy checks: over the network ------------------------------------------------------------
 
 
@@ -298,4 +445,5 @@ def register() -> None:
     """Register the app's checks with Django."""
     checks.register(check_settings, TAG)
     checks.register(check_celery, TAG)
+    checks.register(check_task_backends, TAG)
     checks.register(check_broker, TAG, deploy=True)

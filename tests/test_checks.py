@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -9,13 +10,15 @@ from typing import Any
 import pytest
 from django.core.checks import run_checks
 from django.core.checks.registry import registry
+from kombu import Queue
 
 from example_project.celery import app as celery_app
 from reliable_tasks import ReliableTask
 from reliable_tasks.beat import ReliableRedBeatScheduler
-from reliable_tasks.checks import check_broker, check_celery, check_settings
+from reliable_tasks.checks import check_broker, check_celery, check_settings, check_task_backends
 from reliable_tasks.conf import SPECS, app_settings
 from reliable_tasks.metrics import broker_redis
+from reliable_tasks.runner import RUNNER_NAME
 from reliable_tasks.sentinel import down_after_seconds
 
 
@@ -296,3 +299,107 @@ def test_a_dead_sentinel_is_skipped_when_reading_the_failover_delay(sentinel_top
 def test_a_broker_without_sentinels_has_no_failover_delay(redis_server):
     with redis_server.client() as client:
         assert down_after_seconds(client.connection_pool) is None
+
+
+# --- TASKS: django.tasks backends -----------------------------------------------------------
+
+OUR_BACKEND = "reliable_tasks.backend.ReliableCeleryBackend"
+
+
+def test_the_project_tasks_setting_passes():
+    assert check_task_backends() == []
+
+
+def test_the_task_backend_check_is_registered():
+    assert check_task_backends in registry.get_checks()
+
+
+def test_another_task_backend_is_not_checked(settings):
+    settings.TASKS = {"default": {"BACKEND": "django.tasks.backends.immediate.ImmediateBackend",
+                                  "OPTIONS": {"anything": 1}}}
+
+    assert check_task_backends() == []
+
+
+def test_a_backend_that_cannot_be_imported_is_an_error(settings, monkeypatch):
+    monkeypatch.setitem(sys.modules, "reliable_tasks.backend", None)  # as without the framework
+    settings.TASKS = {"default": {"BACKEND": OUR_BACKEND}}
+
+    messages = check_task_backends()
+
+    assert ids(messages) == ["reliable_tasks.E006"]
+    assert "django-tasks" in messages[0].hint
+
+
+@pytest.mark.parametrize("entry", [
+    {"OPTIONS": {"max_attempt": 3}},
+    {"OPTIONS": ["max_attempts"]},
+    {"QUEUES": "default"},
+    {"QUEUES": ["default", 7]},
+], ids=["unknown option", "options not a dict", "queues a string", "a queue not a name"])
+def test_queues_or_options_of_the_wrong_shape_are_an_error(settings, entry):
+    settings.TASKS = {"default": {"BACKEND": OUR_BACKEND, **entry}}
+
+    messages = check_task_backends()
+
+    assert ids(messages) == ["reliable_tasks.E007"]
+    assert "TASKS['default']" in messages[0].msg
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"max_attempts": 0}, "max_attempts"),
+    ({"max_attempts": "3"}, "max_attempts"),
+    ({"max_attempts": True}, "max_attempts"),
+    ({"retry_backoff": -1}, "retry_backoff"),
+    ({"retry_backoff_max": "10"}, "retry_backoff_max"),
+    ({"retry_for": "builtins.ValueError"}, "retry_for"),
+    ({"retry_for": ["example_project.demo.django_tasks.NoSuchError"]}, "NoSuchError"),
+    ({"retry_for": ["builtins.len"]}, "len"),
+])
+def test_an_invalid_option_is_an_error(settings, options, named):
+    settings.TASKS = {"default": {"BACKEND": OUR_BACKEND, "OPTIONS": options}}
+
+    messages = check_task_backends()
+
+    assert ids(messages) == ["reliable_tasks.E008"]
+    assert named in messages[0].msg
+
+
+def test_valid_options_pass(settings):
+    settings.TASKS = {"default": {"BACKEND": OUR_BACKEND, "OPTIONS": {
+        "max_attempts": 5, "retry_for": [ValueError, "builtins.KeyError"], "retry_backoff": 1,
+        "retry_backoff_max": 2.5}}}
+
+    assert check_task_backends() == []
+
+
+@pytest.mark.parametrize(("create_missing", "expected"), [
+    (True, "reliable_tasks.W009"), (False, "reliable_tasks.E009"),
+])
+def test_a_queue_celery_does_not_declare_is_reported(settings, celery_conf, create_missing,
+                                                      expected):
+    celery_conf(task_queues=[Queue("celery"), Queue("emails")],
+                task_create_missing_queues=create_missing)
+    settings.TASKS = {"default": {"BACKEND": OUR_BACKEND,
+                                  "QUEUES": ["default", "emails", "reports"]}}
+
+    messages = check_task_backends()
+
+    assert ids(messages) == [expected]
+    assert "'reports'" in messages[0].msg
+
+
+def test_queues_celery_declares_pass(settings, celery_conf):
+    celery_conf(task_queues=[Queue("celery"), Queue("emails")])
+    settings.TASKS = {"default": {"BACKEND": OUR_BACKEND, "QUEUES": ["default", "emails"]}}
+
+    assert check_task_backends() == []
+
+
+def test_a_runner_task_the_celery_app_does_not_know_is_an_error(monkeypatch):
+    monkeypatch.delitem(celery_app.tasks, RUNNER_NAME)
+
+    messages = check_task_backends()
+
+    assert ids(messages) == ["reliable_tasks.E010"]
+    assert "'default', 'retrying'" in messages[0].msg
