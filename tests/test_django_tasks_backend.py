@@ -51,6 +51,13 @@ def takes_no_context() -> None:
     """A function without a ``context`` argument."""
 
 
+def run_as_a_script() -> None:
+    """A function as if defined in a script run with ``python script.py``."""
+
+
+run_as_a_script.__module__ = "__main__"
+
+
 def finished(result_id: str) -> bool:
     return default_task_backend.get_result(result_id).is_finished
 
@@ -135,6 +142,7 @@ def test_the_default_queue_is_celery_s_and_others_keep_their_name():
     (lambda: task(queue_name="unknown")(plain_function), "Queue 'unknown'"),
     (lambda: task(takes_context=True)(takes_no_context), "context"),
     (lambda: task(lambda: None), "module level"),
+    (lambda: task(run_as_a_script), "__main__"),
     (lambda: task(plain_function).using(run_after=timezone.now().replace(tzinfo=None)),
      "aware"),
 ])
@@ -273,8 +281,8 @@ def test_a_task_that_takes_context_gets_its_result_and_attempt(worker):
 def test_the_framework_s_signals_fire(worker):
     succeeds, fails = demo.add.enqueue(1, 1), demo.fails.enqueue("signal")
 
-    wait_for(lambda: finished(succeeds.id) and finished(fails.id), what="both runs")
-    wait_for(lambda: len(tokens(fails.id)) == 3, what="the failure's signals")
+    wait_for(lambda: len(tokens(succeeds.id)) == 3 and len(tokens(fails.id)) == 3,
+             what="three signals of each task")
     assert tokens(succeeds.id) == ["signal:enqueued:READY", "signal:finished:SUCCESSFUL",
                                    "signal:started:RUNNING"]
     assert tokens(fails.id) == ["signal:enqueued:READY", "signal:finished:FAILED",
