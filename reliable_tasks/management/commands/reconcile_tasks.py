@@ -34,6 +34,13 @@ class Command(BaseCommand):
         parser.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                             help="how long to wait for a concurrent run (default 30)")
 
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        """Django's system checks, whose model checks connect to the database on Django 6."""
+        try:
+            super().check(*args, **kwargs)
+        except DatabaseError as exc:
+            raise _database_failed(exc) from exc
+
     def handle(self, *args: Any, **options: Any) -> None:
         if options["schedules_only"] and options["ledger_only"]:
             raise CommandError("--schedules-only and --ledger-only exclude each other.")
@@ -45,8 +52,7 @@ class Command(BaseCommand):
                 ledger=not options["schedules_only"], prune=not options["no_prune"],
                 wait=options["wait"], progress=progress)
         except DatabaseError as exc:
-            raise CommandError(f"The database is unreachable or failed: {exc}. Nothing was "
-                               f"changed in Redis.") from exc
+            raise _database_failed(exc) from exc
         except RedisError as exc:
             raise CommandError(f"Redis is unreachable or failed: {exc}.") from exc
         if options["json"]:
@@ -84,3 +90,8 @@ class Command(BaseCommand):
                 f"loss, {swept.requeued_missing_messages} requeued for a message gone from the "
                 f"broker, {swept.pruned} pruned.")
         self.stdout.write(self.style.SUCCESS(f"Done in {report.seconds:.2f}s."))
+
+
+def _database_failed(exc: DatabaseError) -> CommandError:
+    return CommandError(f"The database is unreachable or failed: {exc}. Nothing was changed "
+                        f"in Redis.")
