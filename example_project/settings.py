@@ -134,7 +134,8 @@ if os.environ.get("REDBEAT_LOCK_KEY"):  # tests force a second beat past the loc
     CELERY_REDBEAT_LOCK_KEY = os.environ["REDBEAT_LOCK_KEY"]
 
 # Django's task framework (django.tasks; the django-tasks backport on Django 5.2) on the ledger.
-# Tasks of the "retrying" backend retry FlakyError, three attempts in all.
+# Tasks of the "retrying" backend retry FlakyError, three attempts in all, and run again by
+# themselves when their worker dies.
 TASKS = {
     "default": {
         "BACKEND": "reliable_tasks.backend.ReliableCeleryBackend",
@@ -147,6 +148,7 @@ TASKS = {
             "retry_for": ["example_project.demo.django_tasks.FlakyError"],
             "retry_backoff": 0.2,
             "retry_backoff_max": 0.5,
+            "retry_on_lost": True,
         },
     },
 }

@@ -73,7 +73,8 @@ __all__ = [
 ]
 
 #: ``OPTIONS`` the backend knows, each the ``ReliableTask`` attribute of the same name.
-OPTION_NAMES = frozenset({"max_attempts", "retry_for", "retry_backoff", "retry_backoff_max"})
+OPTION_NAMES = frozenset({"max_attempts", "retry_for", "retry_backoff", "retry_backoff_max",
+                          "retry_on_lost"})
 
 #: The framework's status of a task in each ledger state.
 STATUS_BY_STATE: Mapping[str, TaskResultStatus] = {
@@ -114,7 +115,8 @@ class ReliableCeleryBackend(BaseTaskBackend):
 
     ``OPTIONS``: ``max_attempts`` (runs before FAILED, first included), ``retry_for`` (exception
     classes, or their dotted paths, whose attempts are retried with backoff while attempts are
-    left), ``retry_backoff`` and ``retry_backoff_max`` (seconds), as on ``ReliableTask``.
+    left), ``retry_backoff`` and ``retry_backoff_max`` (seconds), ``retry_on_lost`` (a run whose
+    worker died runs again by itself), as on ``ReliableTask``.
     """
 
     supports_defer = True

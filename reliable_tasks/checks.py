@@ -324,6 +324,8 @@ def _task_option_messages(where: str, options: Mapping[str, Any]) -> Iterator[ch
         value = options.get(name, 0)
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             problems.append(f"{name} must be a number of seconds (0 or more), not {value!r}")
+    if not isinstance(options.get("retry_on_lost", False), bool):
+        problems.append(f"retry_on_lost must be True or False, not {options['retry_on_lost']!r}")
     retry_for = options.get("retry_for", ())
     try:
         if isinstance(retry_for, str) or not isinstance(retry_for, list | tuple):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 from uuid import UUID
@@ -68,8 +68,12 @@ class ReliableTask(DjangoTask):
 
     Attributes (all optional, per task): ``max_attempts`` (runs before FAILURE, first run
     included), ``retry_for`` (exception classes retried with backoff), ``retry_backoff`` and
-    ``retry_backoff_max`` (seconds), ``retry_on_lost`` (safe to re-run after its worker died).
-    Celery's ``self.retry()`` and ``autoretry_for`` keep working and are recorded.
+    ``retry_backoff_max`` (seconds), ``retry_on_lost`` (safe to re-run after its worker died),
+    ``unique_key`` (a function ``(args, kwargs) -> str | None``: the deduplication key of a
+    call that names none) and ``on_conflict`` (``"return_existing"`` or ``"raise"``: what a
+    call gets while an unfinished task holds its key). A call's own ``unique_key`` and
+    ``on_conflict`` options win. Celery's ``self.retry()`` and ``autoretry_for`` keep working
+    and are recorded.
     """
 
     max_attempts = _SettingDefault("MAX_ATTEMPTS")
@@ -77,6 +81,10 @@ class ReliableTask(DjangoTask):
     retry_backoff_max = _SettingDefault("RETRY_BACKOFF_MAX")
     retry_for: tuple[type[BaseException], ...] = ()
     retry_on_lost = False
+    #: Default deduplication key of a call, from its args and kwargs (read unbound, so a
+    #: ``lambda args, kwargs: ...`` given to ``@shared_task`` works), or None.
+    unique_key: Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
+    on_conflict = "return_existing"
     #: Its execution claims the ledger row (``dispatch()`` accepts only such tasks).
     claims_its_row = True
 
@@ -184,6 +192,11 @@ class ReliableTask(DjangoTask):
                 ending = handed_over
         raise ending
 
+    def reruns_after_lost(self, kwargs: Mapping[str, Any] | None) -> bool:
+        """Whether a run whose worker died may run again by itself (``retry_on_lost``);
+        ``kwargs`` are that run's keyword arguments (a subclass may decide per run)."""
+        return bool(self.retry_on_lost)
+
     def retry_delay(self, exc: BaseException, attempt: int,
                     max_attempts: int | None) -> float | None:
         """Seconds before the next attempt after ``exc`` ended ``attempt``, or None when
@@ -225,7 +238,8 @@ class ReliableTask(DjangoTask):
 
         def claim() -> ledger.Claim:
             return ledger.claim(task_id, task_name=self.name, worker=request.hostname or "",
-                                rerun_after_lost=self.retry_on_lost, started_at=token,
+                                rerun_after_lost=self.reruns_after_lost(request.kwargs),
+                                started_at=token,
                                 max_attempts=int(self.max_attempts))
 
         try:

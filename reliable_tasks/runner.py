@@ -55,9 +55,15 @@ def exception_classes(names: Any) -> tuple[type[BaseException], ...]:
 class DjangoTaskRunner(ReliableTask):
     """``ReliableTask`` for ``django.tasks`` tasks; options come from the task's backend."""
 
-    def _options(self) -> dict[str, Any]:
-        alias = (self.request.kwargs or {}).get("backend")
+    def _options(self, kwargs: Any = None) -> dict[str, Any]:
+        """The ``OPTIONS`` of the backend a run (its ``kwargs``, else this request's) names."""
+        run_kwargs = kwargs if kwargs is not None else self.request.kwargs
+        alias = (run_kwargs or {}).get("backend")
         return dict(_backend(alias).options) if alias else {}
+
+    def reruns_after_lost(self, kwargs: Any) -> bool:
+        """The backend's ``retry_on_lost`` option (off by default)."""
+        return bool(self._options(kwargs).get("retry_on_lost", False))
 
     def _retry_for_classes(self) -> tuple[type[BaseException], ...]:
         return exception_classes(self._options().get("retry_for"))

@@ -133,13 +133,16 @@ _LEASE_OUTCOMES: dict[str, tuple[TaskState, str]] = {
 
 
 def _lease_outcome(task_name: str, adopted: bool, attempts: int,
-                   max_attempts: int | None) -> str:
+                   max_attempts: int | None, kwargs: Any) -> str:
     """``retry`` for a task that may run again and has attempts left, else why it is lost.
 
-    An adopted row (sent around the outbox) has no arguments to publish again.
+    An adopted row (sent around the outbox) has no arguments to publish again. A task decides
+    with ``reruns_after_lost(kwargs)`` (``ReliableTask``), else its ``retry_on_lost``.
     """
     task = find_task(get_celery_app(), task_name)
-    if adopted or not getattr(task, "retry_on_lost", False):
+    decide = getattr(task, "reruns_after_lost", None)
+    reruns = decide(kwargs) if decide is not None else getattr(task, "retry_on_lost", False)
+    if adopted or not reruns:
         return "lost"
     limit = max_attempts or getattr(task, "max_attempts", None) or app_settings.MAX_ATTEMPTS
     return "retry" if attempts < int(limit) else "used_up"
@@ -153,14 +156,14 @@ def expire_leases(now: datetime, batch_size: int, budget: _Budget) -> tuple[int,
         rows = list(TaskRecord.objects.lease_expired(now)
                     .order_by("lease_expires_at")
                     .values_list("id", "task_name", "adopted", "attempts",
-                                 "max_attempts")[:batch_size])
+                                 "max_attempts", "kwargs")[:batch_size])
         if not rows:
             break
         # Each UPDATE names the attempt its outcome was judged on: a redelivery that took the
         # row over meanwhile (attempts + 1, a new lease) is left alone.
         by_outcome: dict[tuple[str, int], list[Any]] = {}
-        for task_id, task_name, adopted, attempts, max_attempts in rows:
-            outcome = _lease_outcome(task_name, adopted, attempts, max_attempts)
+        for task_id, task_name, adopted, attempts, max_attempts, kwargs in rows:
+            outcome = _lease_outcome(task_name, adopted, attempts, max_attempts, kwargs)
             by_outcome.setdefault((outcome, attempts), []).append(task_id)
         for (outcome, attempts), ids in by_outcome.items():
             state, message = _LEASE_OUTCOMES[outcome]

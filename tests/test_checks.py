@@ -353,8 +353,9 @@ def test_queues_or_options_of_the_wrong_shape_are_an_error(settings, entry):
     ({"retry_backoff": -1}, "retry_backoff"),
     ({"retry_backoff_max": "10"}, "retry_backoff_max"),
     ({"retry_for": "builtins.ValueError"}, "retry_for"),
-    ({"retry_for": ["example_project.demo.django_tasks.NoSuchError"]}, "NoSuchError"),
+    ({"retry_for": ["reliable_tasks.exceptions.NoSuchError"]}, "NoSuchError"),
     ({"retry_for": ["builtins.len"]}, "len"),
+    ({"retry_on_lost": "yes"}, "retry_on_lost"),
 ])
 def test_an_invalid_option_is_an_error(settings, options, named):
     settings.TASKS = {"default": {"BACKEND": OUR_BACKEND, "OPTIONS": options}}
@@ -368,7 +369,7 @@ def test_an_invalid_option_is_an_error(settings, options, named):
 def test_valid_options_pass(settings):
     settings.TASKS = {"default": {"BACKEND": OUR_BACKEND, "OPTIONS": {
         "max_attempts": 5, "retry_for": [ValueError, "builtins.KeyError"], "retry_backoff": 1,
-        "retry_backoff_max": 2.5}}}
+        "retry_backoff_max": 2.5, "retry_on_lost": True}}}
 
     assert check_task_backends() == []
 

@@ -323,6 +323,23 @@ def test_a_held_task_is_published_by_the_sweeper_when_due_and_runs(worker, redis
     assert demo.add.get_result(result.id).return_value == 4
 
 
+@pytest.mark.parametrize(("backend", "becomes"), [
+    ("retrying", TaskState.QUEUED),  # OPTIONS: retry_on_lost; published again in the same pass
+    ("default", TaskState.LOST),
+])
+def test_a_run_whose_worker_died_runs_again_only_where_the_backend_says(
+        redis_server, backend, becomes):
+    result = demo.record.using(backend=backend).enqueue(f"lost-{backend}")
+    started = timezone.now() - timedelta(minutes=5)
+    TaskRecord.objects.filter(pk=result.id).update(  # a dead worker's claim, lease run out
+        state=TaskState.STARTED, attempts=1, worker="dead@host", started_at=started,
+        lease_expires_at=started + timedelta(seconds=30))
+
+    sweep()
+
+    assert state_of(result.id) == becomes
+
+
 def test_priority_and_queue_name_map_onto_the_message(redis_server):
     urgent = demo.send_email.enqueue("ops@example.com")
     ordinary = demo.add.enqueue(1, 1)
