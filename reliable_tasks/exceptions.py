@@ -1,5 +1,7 @@
 """The app's exception hierarchy."""
 
+from typing import Any
+
 
 class ReliableTasksError(Exception):
     """Base class of every error this app raises on purpose."""
@@ -19,6 +21,16 @@ class NotReliableTaskError(DispatchError):
 
 class PayloadError(DispatchError):
     """The args, kwargs or options cannot be stored as JSON, or are larger than allowed."""
+
+
+class DuplicateTask(DispatchError):
+    """A call's ``unique_key`` is held by an unfinished task and the call asked to raise
+    (``on_conflict="raise"``). Nothing was recorded; ``existing`` is the holder's row."""
+
+    def __init__(self, message: str, existing: Any) -> None:
+        super().__init__(message)
+        #: The unfinished ``TaskRecord`` that holds the key.
+        self.existing = existing
 
 
 class RetryNotAllowed(ReliableTasksError):

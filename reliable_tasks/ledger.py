@@ -16,15 +16,16 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Case, CharField, F, Q, When
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from reliable_tasks import statements
 from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
-from reliable_tasks.models import TaskRecord
+from reliable_tasks.models import KEY_HOLDING_STATES, LIVE_KEY_COLUMN, TaskRecord
 from reliable_tasks.pulse import leases_may_expire, touch
 from reliable_tasks.querysets import TaskRecordQuerySet, state_still_in
 from reliable_tasks.states import (
@@ -281,8 +282,16 @@ def take_over(record: TaskRecord) -> bool:
     state (a plain task replacing itself with a ``ReliableTask``), and plain Celery's signals
     no longer write it. The history of the earlier attempts stays. The claim names the task,
     so a late copy of a replaced task's message never runs the replacement's row.
+
+    The row takes the call's ``unique_key``; a REPLACED row keeps its own when the call has
+    none. Raises ``IntegrityError`` when another unfinished row holds the call's key.
     """
-    changes = {field: getattr(record, field) for field in _CALL_FIELDS}
+    changes: dict[str, Any] = {field: getattr(record, field) for field in _CALL_FIELDS}
+    # The call's key; a replacement without one carries on the replaced task's work under its
+    # key. The UPDATE raises IntegrityError where another unfinished row holds the call's key
+    # (dispatch runs it in a savepoint and treats it as that key's conflict).
+    changes["unique_key"] = record.unique_key if record.unique_key is not None else Case(
+        When(state=TaskState.REPLACED, then=F("unique_key")), default=None)
     return TaskRecord.objects.filter(pk=record.pk).filter(
         Q(adopted=True, lease_expires_at__isnull=True)
         | Q(state_still_in((TaskState.REPLACED, *FINISHED_STATES))),
@@ -295,6 +304,23 @@ def take_over(record: TaskRecord) -> bool:
 _CALL_FIELDS = ("task_name", "args", "kwargs", "options", "queue", "eta", "expires_at",
                 "max_attempts", "next_attempt_at", "parent_id", "root_id", "group_id",
                 "created_at")
+
+
+def key_holder(unique_key: str) -> TaskRecord | None:
+    """The unfinished row that holds ``unique_key``, if any (read in the current transaction).
+
+    Served by the index that enforces the key: the partial unique index, or on MySQL and
+    MariaDB the generated column's, which also compares the key byte for byte as the other
+    databases do.
+    """
+    rows = TaskRecord.objects.filter(state__in=KEY_HOLDING_STATES)
+    connection = connections[router.db_for_read(TaskRecord)]
+    if connection.vendor == "mysql":
+        live = RawSQL(connection.ops.quote_name(LIVE_KEY_COLUMN), (), output_field=CharField())
+        rows = rows.alias(live_key=live).filter(live_key=unique_key)
+    else:
+        rows = rows.filter(unique_key=unique_key)
+    return rows.first()
 
 
 def record_ignored(task_id: str, claimed: Claim, exc: BaseException) -> bool:
@@ -374,7 +400,8 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
     """Manually retry a task: back to PENDING with a fresh attempt budget, published on commit.
 
     Allowed from FAILURE, LOST, REVOKED and EXPIRED, and from SUCCESS when ``force`` is set;
-    raises ``RetryNotAllowed`` from any other state. ``by`` (a user) is recorded in the row's
+    raises ``RetryNotAllowed`` from any other state, and while another unfinished task holds
+    the row's ``unique_key``. ``by`` (a user) is recorded in the row's
     history and, for a user, in Django's admin log.
     """
     from reliable_tasks.outbox import publish_on_commit
@@ -394,14 +421,24 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
         entry = {"manual_retry": True, "from_state": record.state, "at": now.isoformat(),
                  "by": str(by) if by is not None else None, "budget": budget}
         previous_state = record.state
-        changed = TaskRecord.objects.filter(pk=record.pk).transition(
-            (previous_state,),
-            state=TaskState.PENDING, max_attempts=record.attempts + budget,
-            finished_at=None, lease_expires_at=None, worker="", started_at=None,
-            next_attempt_at=now + timedelta(seconds=app_settings.PUBLISH_GRACE),
-            eta=None, expires_at=None, publish_error="",
-            history=_bounded(list(record.history or []), entry),
-        )
+        try:
+            with transaction.atomic():  # a savepoint: a key conflict leaves the rest intact
+                changed = TaskRecord.objects.filter(pk=record.pk).transition(
+                    (previous_state,),
+                    state=TaskState.PENDING, max_attempts=record.attempts + budget,
+                    finished_at=None, lease_expires_at=None, worker="", started_at=None,
+                    next_attempt_at=now + timedelta(seconds=app_settings.PUBLISH_GRACE),
+                    eta=None, expires_at=None, publish_error="",
+                    history=_bounded(list(record.history or []), entry),
+                )
+        except IntegrityError:
+            holder = key_holder(record.unique_key) if record.unique_key else None
+            if holder is None:
+                raise
+            raise RetryNotAllowed(
+                f"Task {record.task_name}[{record.pk}] cannot be retried while "
+                f"{holder.task_name}[{holder.pk}] ({holder.state}) holds its unique key "
+                f"{record.unique_key!r}: retry it once that task has finished") from None
         if changed != 1:
             raise RetryNotAllowed(f"Task {record.pk} changed state meanwhile; try again")
         record.refresh_from_db()

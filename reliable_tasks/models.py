@@ -18,6 +18,16 @@ from reliable_tasks.states import TaskState
 
 _now = timezone.now  # the schedule model has a field named ``timezone``
 
+#: The longest ``unique_key`` (characters): short enough for a unique index on every database.
+UNIQUE_KEY_MAX_LENGTH = 255
+#: States in which a row holds its ``unique_key``: every state but the finished ones (a
+#: REPLACED row's replacement is still to run). Migration 0009 spells them out for MariaDB too.
+KEY_HOLDING_STATES = ("PENDING", "QUEUED", "STARTED", "RETRY", "REPLACED")
+#: MySQL and MariaDB have no partial indexes: there migration 0009 adds this stored generated
+#: column (the key while the row holds it, else NULL; compared byte for byte) with a unique
+#: index, the equivalent of ``rt_task_unique_key``. It is not a model field.
+LIVE_KEY_COLUMN = "rt_live_unique_key"
+
 
 class CatchUp(models.TextChoices):
     """What a schedule does with runs missed while beat or Redis was down."""
@@ -166,6 +176,11 @@ class TaskRecord(models.Model):
     scheduled_for = models.DateTimeField(
         null=True, blank=True, help_text="The slot of a periodic run (one row per slot).")
 
+    # NULL is "no key": NULLs never collide in a unique index, empty strings would.
+    unique_key = models.CharField(  # noqa: DJ001
+        max_length=UNIQUE_KEY_MAX_LENGTH, null=True, blank=True,
+        help_text="Deduplication key: at most one unfinished task holds a key at a time.")
+
     parent_id = models.UUIDField(null=True, blank=True)
     root_id = models.UUIDField(null=True, blank=True)
     group_id = models.UUIDField(null=True, blank=True)
@@ -192,6 +207,12 @@ class TaskRecord(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["schedule", "scheduled_for"],
                                     name="rt_task_one_run_per_slot"),
+            # One unfinished row per key. A partial unique index on PostgreSQL and SQLite (it
+            # holds keyed unfinished rows only); on MySQL/MariaDB, which skip it, a unique index
+            # on the generated column ``LIVE_KEY_COLUMN`` (migration 0009).
+            models.UniqueConstraint(
+                fields=["unique_key"], name="rt_task_unique_key",
+                condition=Q(unique_key__isnull=False, state__in=KEY_HOLDING_STATES)),
         ]
 
     def __str__(self) -> str:

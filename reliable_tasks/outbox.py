@@ -8,10 +8,11 @@ nothing. A failed publish leaves the rows PENDING for the sweeper and never rais
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -30,21 +31,31 @@ from reliable_tasks.celery_app import claims_its_row, find_task, get_celery_app
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import (
     DispatchError,
+    DuplicateTask,
     NotReliableTaskError,
     PayloadError,
     UnknownTaskError,
 )
-from reliable_tasks.ledger import take_over
-from reliable_tasks.models import TaskRecord
+from reliable_tasks.ledger import key_holder, take_over
+from reliable_tasks.models import UNIQUE_KEY_MAX_LENGTH, TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
 from reliable_tasks.states import TaskState
 
 logger = logging.getLogger(__name__)
 
-#: ``apply_async`` options kept as record columns rather than in ``options``.
+#: ``apply_async`` options kept as record columns rather than in ``options``, and the
+#: dispatch's own (``on_conflict``), none of which goes into the message.
 _COLUMN_OPTIONS = ("countdown", "eta", "expires", "task_id", "max_attempts",
-                   "parent_id", "root_id")
+                   "parent_id", "root_id", "unique_key", "on_conflict")
+
+#: ``on_conflict`` values: what a call gets when an unfinished task holds its ``unique_key``.
+RETURN_EXISTING = "return_existing"
+RAISE = "raise"
+_ON_CONFLICT = (RETURN_EXISTING, RAISE)
+#: Inserts a call tries while the key's holder keeps finishing between its conflict and the
+#: look-up of the holder (each finish frees the key, so the next insert normally wins).
+_KEY_TRIES = 5
 
 
 def _task_name(app: Celery, task: Any) -> str:
@@ -135,6 +146,7 @@ def build_record(
     if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
         raise DispatchError(f"max_attempts must be a positive integer, not {max_attempts!r}")
     parent_id, root_id = _lineage(app, options)
+    unique_key = _unique_key(task_type, name, args, kwargs, options)
     extra = {key: value for key, value in options.items() if key not in _COLUMN_OPTIONS}
     stored_options = to_stored(extra, f"options of {name}") if extra else {}
     record = new_record({
@@ -149,12 +161,61 @@ def build_record(
         "parent_id": parent_id,
         "root_id": root_id,
         "group_id": extra.get("group_id"),
+        "unique_key": unique_key,
         "created_at": now,
     })
     record.next_attempt_at = _first_publish_due_at(record, now)
     if options.get("task_id"):
         record.id = _task_uuid(options["task_id"])
     return record
+
+
+def _task_default(task_type: Any, attribute: str) -> Any:
+    """A ``ReliableTask`` attribute as set on the class, never bound to the task: a function
+    given as a task option (``@shared_task(unique_key=lambda args, kwargs: ...)``) becomes a
+    class attribute, which plain attribute access would turn into a method."""
+    value = inspect.getattr_static(task_type, attribute, None)
+    return value.__func__ if isinstance(value, staticmethod) else value
+
+
+def _unique_key(task_type: Any, name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
+                options: Mapping[str, Any]) -> str | None:
+    """The call's ``unique_key`` option, else the task's (a function of args and kwargs), or
+    None; raise ``DispatchError`` for one the ledger cannot hold."""
+    if "unique_key" in options:
+        key, source = options["unique_key"], "unique_key"
+    else:
+        default = _task_default(task_type, "unique_key")
+        if default is None:
+            return None
+        if not callable(default):
+            raise DispatchError(
+                f"{name}.unique_key must be a function of (args, kwargs) returning the key "
+                f"or None, not {default!r}")
+        key, source = default(tuple(args), dict(kwargs)), f"{name}.unique_key(args, kwargs)"
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise DispatchError(f"{source} must be a non-empty string or None, not {key!r}")
+    if len(key) > UNIQUE_KEY_MAX_LENGTH:
+        raise DispatchError(
+            f"{source} is {len(key)} characters long, more than the ledger's "
+            f"{UNIQUE_KEY_MAX_LENGTH}: {key[:40]!r}...")
+    return key
+
+
+def on_conflict_policy(task: Any, options: Mapping[str, Any]) -> str:
+    """The call's ``on_conflict`` option, else the task's, else ``return_existing``; raise
+    ``DispatchError`` for an unknown one."""
+    policy = options.get("on_conflict")
+    source = "on_conflict"
+    if policy is None:
+        policy = _task_default(task, "on_conflict") or RETURN_EXISTING
+        source = f"{getattr(task, 'name', task)}.on_conflict"
+    if policy not in _ON_CONFLICT:
+        raise DispatchError(
+            f"{source} must be {RETURN_EXISTING!r} or {RAISE!r}, not {policy!r}")
+    return str(policy)
 
 
 def _task_uuid(task_id: Any) -> UUID:
@@ -208,18 +269,83 @@ def dispatch(task: Any, args: Sequence[Any] | None = (), kwargs: Mapping[str, An
 
     ``task`` is a task object or a registered task name; ``options`` are those of
     ``apply_async`` (queue, countdown, eta, expires, priority, headers, ...) plus
-    ``max_attempts``. The record's id is the Celery task id. Raises ``DispatchError`` for
-    invalid input (nothing is recorded); never raises because the broker is unavailable.
+    ``max_attempts``, ``unique_key`` and ``on_conflict``. The record's id is the Celery task
+    id. Raises ``DispatchError`` for invalid input (nothing is recorded); never raises because
+    the broker is unavailable.
+
+    While an unfinished task holds the call's ``unique_key`` (the option, else the task's
+    ``unique_key(args, kwargs)``), nothing is recorded: with ``on_conflict="return_existing"``
+    (the default) the holder's record is returned, with ``"raise"`` ``DuplicateTask`` is
+    raised. The database decides between racing callers.
     """
     app = get_celery_app()
     now = timezone.now()
     record = build_record(app, task, args, kwargs, options, now)
-    if options.get("task_id"):
+    if record.unique_key is not None:
+        policy = on_conflict_policy(app.tasks[record.task_name], options)
+        stored = _record_keyed(record, policy, given_id=bool(options.get("task_id")))
+        if stored is not record:
+            return stored
+    elif options.get("task_id"):
         _save_with_given_id(record)
     else:
         record.save(force_insert=True)
     publish_on_commit([record])
     return record
+
+
+def _savepoint() -> AbstractContextManager[Any]:
+    """A savepoint inside a transaction (a failed statement leaves the caller's transaction
+    usable); nothing in autocommit, where a failed statement ends nothing."""
+    return transaction.atomic() if connection.in_atomic_block else nullcontext()
+
+
+def _record_keyed(record: TaskRecord, policy: str, *, given_id: bool) -> TaskRecord:
+    """Insert the row of a call with a ``unique_key``; return it, or the unfinished row that
+    holds the key (``policy`` return_existing) or raise ``DuplicateTask`` (raise).
+
+    The unique index decides: the insert runs in a savepoint and a conflict rolls back only
+    that. A holder that finished between the conflict and the look-up freed the key, so the
+    insert is tried again, a bounded number of times.
+    """
+    for _ in range(_KEY_TRIES):
+        if _insert_keyed(record, given_id):
+            return record
+        assert record.unique_key is not None
+        holder = key_holder(record.unique_key)
+        if holder is None:
+            continue
+        if policy == RAISE:
+            raise DuplicateTask(
+                f"{holder.task_name}[{holder.pk}] ({holder.state}) holds the unique key "
+                f"{record.unique_key!r}: {record.task_name} was not recorded", holder)
+        logger.debug("%s: unique key %r held by %s[%s]; returning it", record.task_name,
+                     record.unique_key, holder.task_name, holder.pk)
+        return holder
+    raise DispatchError(
+        f"The unique key {record.unique_key!r} of {record.task_name} was held, then free, "
+        f"{_KEY_TRIES} times while dispatching: nothing was recorded; dispatch again")
+
+
+def _insert_keyed(record: TaskRecord, given_id: bool) -> bool:
+    """Insert (or, for a given task id in the ledger, take over) the row; False when an
+    unfinished row holds its key."""
+    try:
+        with _savepoint():
+            record.save(force_insert=True)
+        return True
+    except IntegrityError:
+        if not given_id or not TaskRecord.objects.filter(pk=record.pk).exists():
+            return False
+    try:
+        with _savepoint():
+            taken = take_over(record)
+    except IntegrityError:
+        return False
+    if not taken:
+        logger.info("%s[%s]: the task is in the ledger and not finished; another message "
+                    "is published and the claim decides", record.task_name, record.pk)
+    return True
 
 
 def _save_with_given_id(record: TaskRecord) -> None:
@@ -263,16 +389,35 @@ def dispatch_many(calls: Iterable[Any]) -> list[TaskRecord]:
     Each call is a Celery signature (``add.s(1, 2)``), a mapping with ``task``, ``args``,
     ``kwargs`` and ``options``, or a ``(task, args, kwargs, options)`` tuple (trailing items
     optional). All calls are validated before anything is recorded.
+
+    A call may carry ``unique_key`` and ``on_conflict`` in its options, as for ``dispatch``:
+    its place in the returned list holds the holder's record when the key is held (a key
+    repeated within the batch is held by its first call), and a ``DuplicateTask`` records
+    none of the batch. Calls with a key are inserted one by one; the others in bulk.
     """
     app = get_celery_app()
     now = timezone.now()
-    records = [build_record(app, *_normalize_call(call), now) for call in calls]
+    records: list[TaskRecord] = []
+    keyed: dict[int, tuple[str, bool]] = {}  # call index: on_conflict, given task id
+    for call in calls:
+        task, args, kwargs, options = _normalize_call(call)
+        record = build_record(app, task, args, kwargs, options, now)
+        if record.unique_key is not None:
+            keyed[len(records)] = (on_conflict_policy(app.tasks[record.task_name], options),
+                                   bool(options.get("task_id")))
+        records.append(record)
     if not records:
         return []
+    results = list(records)
     with transaction.atomic():
-        statements.insert_records(records)
-    publish_on_commit(records)
-    return records
+        unkeyed = [record for record in records if record.unique_key is None]
+        if unkeyed:
+            statements.insert_records(unkeyed)
+        for index, (policy, given_id) in keyed.items():
+            results[index] = _record_keyed(records[index], policy, given_id=given_id)
+    publish_on_commit([record for record, result in zip(records, results, strict=True)
+                       if result is record])
+    return results
 
 
 class _WaitingHooks(threading.local):

@@ -50,7 +50,8 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
     # Sorting by a column without an index would sort the whole table on each page view.
     sortable_by = ("task_name", "state_badge", "created_at")
     search_fields = ("task_name",)
-    search_help_text = _("A task id (or its first characters), or part of a task name.")
+    search_help_text = _("A task id (or its first characters), part of a task name, or a "
+                         "unique key (whole).")
     date_hierarchy = "created_at"
     list_per_page = 50
     show_full_result_count = False
@@ -58,15 +59,15 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
         show_facets = _NO_FACETS
     paginator = EstimatedCountPaginator
 
-    readonly_fields = ("id", "task_name", "state_badge", "queue", "adopted", "attempts",
-                       "max_attempts", "worker", "celery_result", "created_at", "published_at",
-                       "started_at", "finished_at", "run_time", "eta", "expires_at",
+    readonly_fields = ("id", "task_name", "state_badge", "unique_key", "queue", "adopted",
+                       "attempts", "max_attempts", "worker", "celery_result", "created_at",
+                       "published_at", "started_at", "finished_at", "run_time", "eta", "expires_at",
                        "next_attempt_at", "lease_expires_at", "args_json", "kwargs_json",
                        "options_json", "error_type", "error_message", "traceback_text",
                        "history_table", "duplicate_deliveries", "publish_attempts",
                        "publish_error", "parent_id", "root_id", "group_id")
     fieldsets = (
-        (None, {"fields": ("id", "task_name", "state_badge", "queue", "adopted",
+        (None, {"fields": ("id", "task_name", "state_badge", "unique_key", "queue", "adopted",
                            ("attempts", "max_attempts"), "worker", "celery_result")}),
         (_("Arguments"), {"fields": ("args_json", "kwargs_json", "options_json")}),
         (_("Last error"), {"fields": ("error_type", "error_message", "traceback_text")}),
@@ -86,7 +87,8 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet,
                            search_term: str) -> tuple[QuerySet, bool]:
-        """Match the start of the id (served by the primary key) or part of the task name."""
+        """Match the start of the id (served by the primary key), part of the task name, or
+        the whole unique key."""
         term = search_term.strip()
         if not term:
             return queryset, False
