@@ -220,7 +220,10 @@ class _BatchContext:
             arguments.setdefault("time_limit", options.pop("time_limit", None))
             arguments.setdefault("soft_time_limit", options.pop("soft_time_limit", None))
             # As apply_async does: the worker reads it from the message, not from the task.
-            arguments.setdefault("ignore_result", task_type.ignore_result)
+            # (Celery < 5.7's apply_async without options leaves it in the task's cached
+            # execution options, read above: a message argument, never a publish option.)
+            ignore_result = options.pop("ignore_result", task_type.ignore_result)
+            arguments.setdefault("ignore_result", ignore_result)
         options = self.router.route(options, row.task_name, args, kwargs, task_type)
         return _Route(options, arguments)
 

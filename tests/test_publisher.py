@@ -16,7 +16,7 @@ from kombu import Producer
 from kombu.exceptions import EncodeError
 
 from example_project.celery import app
-from example_project.demo.tasks import add
+from example_project.demo.tasks import add, plain_noop
 from reliable_tasks import dispatch
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.publisher import send_records
@@ -179,3 +179,13 @@ def test_nothing_of_a_batch_reaches_redis_when_one_of_its_messages_fails(
     send_records(app, rows)
     # LPUSHed in order: the head of the list is the last one, workers pop from the tail.
     assert list(sent_messages(redis_server)) == [str(row.id) for row in reversed(rows)]
+
+
+def test_a_task_plain_celery_sent_before_without_options_still_publishes(redis_server):
+    # Celery before 5.7 keeps ignore_result in the task's cached execution options then.
+    plain_noop.apply_async()
+    row = TaskRecord(id=uuid.uuid4(), task_name=plain_noop.name)
+
+    send_records(app, [row])
+
+    assert sent_messages(redis_server)[str(row.id)][1]["headers"]["ignore_result"] is True
