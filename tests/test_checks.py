@@ -61,13 +61,18 @@ class _OurSchedulerSubclass(ReliableRedBeatScheduler):
 
 
 @pytest.fixture
-def celery_conf() -> Iterator[Callable[..., None]]:
-    """Return ``set(**conf)``: change the Celery app's configuration for this test only."""
+def celery_conf(settings: Any) -> Iterator[Callable[..., None]]:
+    """Return ``set(**conf)``: change the Celery app's configuration for this test only.
+
+    Django's ``CELERY_*`` settings change too: the app reads them live, and before Celery 5.7
+    they take precedence over ``conf.update()``.
+    """
     saved: dict[str, Any] = {}
 
     def change(**conf: Any) -> None:
-        for key in conf:
+        for key, value in conf.items():
             saved.setdefault(key, celery_app.conf.get(key))
+            setattr(settings, f"CELERY_{key.upper()}", value)
         celery_app.conf.update(conf)
 
     yield change
