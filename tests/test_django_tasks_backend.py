@@ -6,6 +6,7 @@ tasks retry ``FlakyError``); its tasks are in ``example_project.demo.django_task
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from datetime import timedelta
@@ -33,6 +34,7 @@ from reliable_tasks.outbox import dispatch
 from reliable_tasks.runner import RUNNER_NAME
 from reliable_tasks.states import TaskState
 from reliable_tasks.sweeper import sweep
+from reliable_tasks.testing import run_at_commit
 from tests.test_execution import state_of, wait_for
 
 try:
@@ -364,3 +366,15 @@ def test_a_worker_of_the_mapped_queue_runs_its_tasks(redis_server, celery_worker
 
     wait_for(lambda: finished(result.id), what="the run on the emails queue")
     assert demo.send_email.get_result(result.id).return_value == "sent to ops@example.com"
+
+
+def test_reliable_tasks_testing_runs_framework_tasks_in_process(redis_server):
+    with run_at_commit() as runs, transaction.atomic():
+        result = demo.add.enqueue(2, 3)
+        with contextlib.suppress(RuntimeError), transaction.atomic():
+            demo.add.enqueue(4, 4)
+            raise RuntimeError("this savepoint rolls back")
+
+    assert [(run.record.pk, run.state) for run in runs] == [
+        (uuid.UUID(result.id), TaskState.SUCCESS)]
+    assert demo.add.get_result(result.id).return_value == 5
