@@ -1053,14 +1053,19 @@ def celery_app_using(app: Any, conf: Mapping[str, Any]) -> Iterator[None]:
 
     Connections are dropped before and after, so each side of the block connects with its own
     settings. Keys the app did not have before are removed again (RedBeat treats a present but
-    empty ``redbeat_redis_options`` differently from a missing one).
+    empty ``redbeat_redis_options`` differently from a missing one). An app configured from
+    Django's settings (``config_from_object("django.conf:settings", namespace=...)``) gets them
+    overridden too, under their namespaced names: before Celery 5.7 they take precedence over
+    ``conf.update()``.
     """
     missing = object()
+    # Saved before Django's settings, which the app reads live, are overridden.
     saved = {key: app.conf.get(key, missing) for key in conf}
     drop_celery_connections(app)
     app.conf.update(dict(conf))
     try:
-        yield
+        with _django_settings_of(app, conf):
+            yield
     finally:
         drop_celery_connections(app)
         for key, value in saved.items():
@@ -1069,6 +1074,26 @@ def celery_app_using(app: Any, conf: Mapping[str, Any]) -> Iterator[None]:
                     del app.conf[key]
             else:
                 app.conf[key] = value
+
+
+def _django_settings_of(
+    app: Any, conf: Mapping[str, Any]
+) -> contextlib.AbstractContextManager[Any]:
+    """Override Django's settings behind ``conf`` for an ``app`` configured from them.
+
+    A no-op for an app configured otherwise (which needs no Django).
+    """
+    source = getattr(app, "_config_source", None)  # what config_from_object() was given
+    django_conf = sys.modules.get("django.conf")
+    reads_django = source == "django.conf:settings" or (
+        django_conf is not None and source is django_conf.settings
+    )
+    if not reads_django:
+        return contextlib.nullcontext()
+    from django.test import override_settings
+
+    prefix = f"{app.namespace}_" if app.namespace else ""
+    return override_settings(**{f"{prefix}{key.upper()}": value for key, value in conf.items()})
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------------
