@@ -343,9 +343,14 @@ def _insert_keyed(record: TaskRecord, given_id: bool) -> bool:
     except IntegrityError:
         return False
     if not taken:
-        logger.info("%s[%s]: the task is in the ledger and not finished; another message "
-                    "is published and the claim decides", record.task_name, record.pk)
+        _log_another_message(record)
     return True
+
+
+def _log_another_message(record: TaskRecord) -> None:
+    """Say that a call names the id of an unfinished row: its message is one more delivery."""
+    logger.info("%s[%s]: the task is in the ledger and not finished; another message is "
+                "published and the claim decides", record.task_name, record.pk)
 
 
 def _save_with_given_id(record: TaskRecord) -> None:
@@ -358,15 +363,11 @@ def _save_with_given_id(record: TaskRecord) -> None:
     claim decides whether it runs, as for any duplicate.
     """
     try:
-        if connection.in_atomic_block:
-            with transaction.atomic():  # a savepoint: the caller's transaction goes on
-                record.save(force_insert=True)
-        else:
+        with _savepoint():
             record.save(force_insert=True)
     except IntegrityError:
         if not take_over(record):
-            logger.info("%s[%s]: the task is in the ledger and not finished; another message "
-                        "is published and the claim decides", record.task_name, record.pk)
+            _log_another_message(record)
 
 
 def _normalize_call(call: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
