@@ -25,7 +25,7 @@ from celery.result import AsyncResult
 from django.db import transaction
 from django.utils import timezone
 
-from reliable_tasks import db_retry, ledger
+from reliable_tasks import db_retry, ledger, limits
 from reliable_tasks.calling import record_call
 from reliable_tasks.conf import app_settings
 from reliable_tasks.models import TaskRecord
@@ -81,6 +81,15 @@ class ReliableTask(DjangoTask):
     retry_backoff_max = _SettingDefault("RETRY_BACKOFF_MAX")
     retry_for: tuple[type[BaseException], ...] = ()
     retry_on_lost = False
+    #: Global limits (``reliable_tasks.limits``): at most ``concurrency_limit`` runs with the
+    #: same ``concurrency_key`` at once, and ``global_rate_limit`` (``"100/m"``) starts per
+    #: ``rate_key``, on all workers together. A key is a string or a function
+    #: ``(args, kwargs) -> str``; without one, the task's name. Celery's own ``rate_limit``
+    #: stays per worker.
+    concurrency_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
+    concurrency_limit: int | None = None
+    global_rate_limit: str | None = None
+    rate_key: str | Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
     #: Default deduplication key of a call, from its args and kwargs (read unbound, so a
     #: ``lambda args, kwargs: ...`` given to ``@shared_task`` works), or None.
     unique_key: Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
@@ -131,6 +140,15 @@ class ReliableTask(DjangoTask):
         request.reliable_claim = claimed
         request.reliable_retry = None
         try:
+            return self._run_and_record(claimed, request, args, kwargs)
+        finally:
+            if claimed is not None and claimed.concurrency_key is not None:
+                self._wake_waiters(claimed.concurrency_key)
+
+    def _run_and_record(self, claimed: ledger.Claim | None, request: Any,
+                        args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the body and write its outcome to the claimed row."""
+        try:
             retval = self.run(*args, **kwargs)
         except Retry:
             if claimed is not None and request.is_eager:
@@ -161,6 +179,13 @@ class ReliableTask(DjangoTask):
         if claimed is not None:
             self._store(ledger.record_success, request.id, claimed, self.kept_return_value(retval))
         return retval
+
+    def _wake_waiters(self, concurrency_key: str) -> None:
+        """This run freed a slot of ``concurrency_key``: wake and publish the oldest rows
+        waiting for one (the sweeper does it too, should this process die first)."""
+        woken = self._store(limits.wake, concurrency_key)
+        if woken:
+            publish_records(woken)
 
     def kept_return_value(self, retval: Any) -> Any:
         """What the ledger row keeps of a successful run's return value (JSON), or
@@ -240,13 +265,17 @@ class ReliableTask(DjangoTask):
             return ledger.claim(task_id, task_name=self.name, worker=request.hostname or "",
                                 rerun_after_lost=self.reruns_after_lost(request.kwargs),
                                 started_at=token,
-                                max_attempts=int(self.max_attempts))
+                                max_attempts=int(self.max_attempts),
+                                limited=self._has_limits(),
+                                enforce_limits=not request.is_eager)
 
         try:
             claimed = db_retry.within(claim, app_settings.CLAIM_RETRY_TIMEOUT,
                                       what=f"{self.name}[{task_id}] claim")
         except db_retry.TRANSIENT_ERRORS as exc:
             self._defer(request, exc)
+        if claimed.waiting_for:
+            self._wait(request, claimed)
         if not claimed.won:
             if request.is_eager:
                 # apply() runs the body, as Celery's does; the ledger keeps the other run's.
@@ -257,6 +286,27 @@ class ReliableTask(DjangoTask):
                         claimed.reason)
             raise Ignore(f"duplicate delivery: {claimed.reason}")
         return claimed
+
+    def _has_limits(self) -> bool:
+        return bool(self.concurrency_limit or self.global_rate_limit)
+
+    def _wait(self, request: Any, claimed: ledger.Claim) -> NoReturn:
+        """A limit deferred the delivery (its row is WAITING): acknowledge it, body not run.
+
+        A rate's short wait goes back to the broker as a copy with a countdown; otherwise the
+        row waits in the database, to be woken when a slot frees or published when due.
+        """
+        logger.info("%s[%s]: %s", self.name, request.id, claimed.reason)
+        if claimed.due is not None:
+            delay = max((claimed.due - timezone.now()).total_seconds(), 0.0)
+            copy = self.signature_from_request(request, countdown=delay)
+            try:
+                DjangoTask.apply_async(self, copy.args, copy.kwargs, **copy.options)
+            except Exception:  # the row is WAITING with a due time: the sweeper sends it
+                logger.warning("%s[%s]: the deferred copy was not published; the sweeper "
+                               "publishes the task when due", self.name, request.id,
+                               exc_info=True)
+        raise Ignore(claimed.reason)
 
     def _defer(self, request: Any, exc: BaseException) -> NoReturn:
         """The ledger refused the claim: send the delivery back to run later, body not run.

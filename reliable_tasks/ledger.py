@@ -21,11 +21,11 @@ from django.db.models import Case, CharField, F, Q, When
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
-from reliable_tasks import statements
+from reliable_tasks import limits, statements
 from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
 from reliable_tasks.exceptions import RetryNotAllowed
-from reliable_tasks.models import KEY_HOLDING_STATES, LIVE_KEY_COLUMN, TaskRecord
+from reliable_tasks.models import KEY_HOLDING_STATES, LIVE_KEY_COLUMN, TaskRecord, WaitReason
 from reliable_tasks.pulse import leases_may_expire, touch
 from reliable_tasks.querysets import TaskRecordQuerySet, state_still_in
 from reliable_tasks.states import (
@@ -47,6 +47,12 @@ class Claim:
 
     won: bool
     reason: str = ""
+    #: Why a delivery that did not win was deferred by a limit (``WaitReason``), and for a
+    #: rate, when it is to be sent again (None: the row waits to be woken or published).
+    waiting_for: str = ""
+    due: datetime | None = None
+    #: The concurrency key the won claim holds a slot of (its end wakes the key's waiters).
+    concurrency_key: str | None = None
     worker: str = ""
     started_at: datetime | None = None
     #: Read lazily (``load_attempt``): the common successful run never needs them.
@@ -60,7 +66,8 @@ def _lease(now: datetime) -> datetime:
 
 
 def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
-          started_at: datetime | None = None, max_attempts: int | None = None) -> Claim:
+          started_at: datetime | None = None, max_attempts: int | None = None,
+          limited: bool = False, enforce_limits: bool = True) -> Claim:
     """Claim the row of a delivered task for this worker, or say why the body must not run.
 
     ``started_at`` is the claim's token: the outcome write names it, and a claim retried after
@@ -75,26 +82,32 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
     EXPIRED; a row that does not exist (sent around the outbox, or pruned) is recorded as
     started by this delivery; a finished task, or one running under a live lease, loses, and
     the skipped delivery is counted. Leases and expiry are judged by the database's clock.
+
+    A row with a concurrency or rate limit is claimed within it (``limits.claim``; not
+    ``enforce_limits``: whatever the limits say), or deferred: the claim does not win and
+    says why in ``waiting_for``. ``limited`` (the task has limits of its own) skips the
+    UPDATE that claims rows without limits.
     """
     started_at = started_at or timezone.now()
-    changed = statements.claim(task_id, task_name=task_name, worker=worker,
-                               started_at=started_at,
-                               lease_seconds=app_settings.LEASE_TIMEOUT)
-    if changed:
+    if not limited and statements.claim(task_id, task_name=task_name, worker=worker,
+                                        started_at=started_at,
+                                        lease_seconds=app_settings.LEASE_TIMEOUT):
         return Claim(won=True, worker=worker, started_at=started_at)
     claimed = _claim_contended(task_id, task_name, worker, started_at, rerun_after_lost,
-                               max_attempts)
-    if not claimed.won:
+                               max_attempts, enforce_limits)
+    if not claimed.won and not claimed.waiting_for:
         TaskRecord.objects.filter(id=task_id).update(
             duplicate_deliveries=F("duplicate_deliveries") + 1)
     return claimed
 
 
 def _claim_contended(task_id: str, task_name: str, worker: str, started_at: datetime,
-                     rerun_after_lost: bool, max_attempts: int | None) -> Claim:
+                     rerun_after_lost: bool, max_attempts: int | None,
+                     enforce_limits: bool = True) -> Claim:
     row = (TaskRecord.objects.filter(id=task_id)
-           .values("state", "attempts", "max_attempts", "lease_expires_at", "expires_at",
-                   "worker", "started_at", "task_name").first())
+           .values("id", "state", "attempts", "max_attempts", "lease_expires_at", "expires_at",
+                   "worker", "started_at", "task_name", "created_at", "waiting_for",
+                   "concurrency_key", "concurrency_limit", "rate_key", "rate_limit").first())
     now = database_now()
     if row is None:
         return _claim_unrecorded(task_id, task_name, worker, started_at, now)
@@ -107,6 +120,8 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
         TaskRecord.objects.filter(id=task_id).transition(
             CLAIMABLE_STATES, state=TaskState.EXPIRED, finished_at=now)
         return Claim(won=False, reason=f"expired at {row['expires_at'].isoformat()}")
+    if state in CLAIMABLE_STATES and (row["concurrency_key"] or row["rate_key"]):
+        return _claim_limited(row, worker, started_at, enforce_limits)
     lease_expired = row["lease_expires_at"] is not None and row["lease_expires_at"] < now
     if state == TaskState.STARTED and lease_expired and rerun_after_lost and (
             not leases_may_expire(now, touch(now))):
@@ -135,6 +150,22 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
         return Claim(won=False, reason="claimed by another delivery")
     why = "running under a live lease" if state == TaskState.STARTED else f"already {state}"
     return Claim(won=False, reason=why)
+
+
+def _claim_limited(row: dict[str, Any], worker: str, started_at: datetime,
+                   enforce_limits: bool) -> Claim:
+    decision = limits.claim(row, worker=worker, started_at=started_at,
+                            lease_seconds=app_settings.LEASE_TIMEOUT, enforce=enforce_limits)
+    if decision.won:
+        return Claim(won=True, worker=worker, started_at=started_at,
+                     concurrency_key=row["concurrency_key"])
+    if decision.waiting_for:
+        why = (f"over the concurrency limit of {row['concurrency_key']!r}"
+               if decision.waiting_for == WaitReason.CONCURRENCY
+               else f"over the rate limit of {row['rate_key']!r}")
+        return Claim(won=False, reason=f"deferred: {why}", waiting_for=decision.waiting_for,
+                     due=decision.due)
+    return Claim(won=False, reason="claimed by another delivery")
 
 
 def _claim_unrecorded(task_id: str, task_name: str, worker: str, started_at: datetime,
@@ -297,13 +328,15 @@ def take_over(record: TaskRecord) -> bool:
         | Q(state_still_in((TaskState.REPLACED, *FINISHED_STATES))),
     ).update(**changes, state=TaskState.PENDING, attempts=0, worker="", started_at=None,
              lease_expires_at=None, finished_at=None, publish_attempts=0, publish_error="",
-             error_type="", error_message="", traceback="", adopted=False) == 1
+             error_type="", error_message="", traceback="", adopted=False,
+             waiting_for="") == 1
 
 
 #: The columns of a row that describe its call (what a replacement brings).
 _CALL_FIELDS = ("task_name", "args", "kwargs", "options", "queue", "eta", "expires_at",
                 "max_attempts", "next_attempt_at", "parent_id", "root_id", "group_id",
-                "created_at")
+                "created_at", "concurrency_key", "concurrency_limit", "rate_key",
+                "rate_limit")
 
 
 def key_holder(unique_key: str) -> TaskRecord | None:
@@ -386,10 +419,11 @@ def record_revoked(task_id: str, *, expired: bool) -> bool:
     now = timezone.now()
     if expired:
         from_states: tuple[TaskState, ...] = (TaskState.PENDING, TaskState.QUEUED,
-                                              TaskState.RETRY)
+                                              TaskState.RETRY, TaskState.WAITING)
         new_state = TaskState.EXPIRED
     else:
-        from_states = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.STARTED)
+        from_states = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.STARTED,
+                       TaskState.WAITING)
         new_state = TaskState.REVOKED
     return TaskRecord.objects.filter(id=task_id).transition(
         from_states, state=new_state, finished_at=now, lease_expires_at=None) == 1
@@ -428,7 +462,7 @@ def retry(record_or_id: TaskRecord | UUID | str, *, by: Any = None,
                     state=TaskState.PENDING, max_attempts=record.attempts + budget,
                     finished_at=None, lease_expires_at=None, worker="", started_at=None,
                     next_attempt_at=now + timedelta(seconds=app_settings.PUBLISH_GRACE),
-                    eta=None, expires_at=None, publish_error="",
+                    eta=None, expires_at=None, publish_error="", waiting_for="",
                     history=_bounded(list(record.history or []), entry),
                 )
         except IntegrityError:

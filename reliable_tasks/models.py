@@ -22,11 +22,22 @@ _now = timezone.now  # the schedule model has a field named ``timezone``
 UNIQUE_KEY_MAX_LENGTH = 255
 #: States in which a row holds its ``unique_key``: every state but the finished ones (a
 #: REPLACED row's replacement is still to run). Migration 0009 spells them out for MariaDB too.
-KEY_HOLDING_STATES = ("PENDING", "QUEUED", "STARTED", "RETRY", "REPLACED")
+KEY_HOLDING_STATES = ("PENDING", "QUEUED", "STARTED", "RETRY", "REPLACED", "WAITING")
 #: MySQL and MariaDB have no partial indexes: there migration 0009 adds this stored generated
 #: column (the key while the row holds it, else NULL; compared byte for byte) with a unique
 #: index, the equivalent of ``rt_task_unique_key``. It is not a model field.
 LIVE_KEY_COLUMN = "rt_live_unique_key"
+
+
+#: The longest rate (``"100/m"``) a row stores.
+RATE_LIMIT_MAX_LENGTH = 32
+
+
+class WaitReason(models.TextChoices):
+    """Why a WAITING row waits."""
+
+    CONCURRENCY = "concurrency", "Concurrency limit"
+    RATE = "rate", "Rate limit"
 
 
 class CatchUp(models.TextChoices):
@@ -181,6 +192,22 @@ class TaskRecord(models.Model):
         max_length=UNIQUE_KEY_MAX_LENGTH, null=True, blank=True,
         help_text="Deduplication key: at most one unfinished task holds a key at a time.")
 
+    # Limits, enforced at the claim (``reliable_tasks.limits``); NULL keys are "no limit".
+    concurrency_key = models.CharField(  # noqa: DJ001
+        max_length=UNIQUE_KEY_MAX_LENGTH, null=True, blank=True,
+        help_text="At most concurrency_limit tasks with this key run at once, on all workers.")
+    concurrency_limit = models.PositiveIntegerField(null=True, blank=True)
+    rate_key = models.CharField(  # noqa: DJ001
+        max_length=UNIQUE_KEY_MAX_LENGTH, null=True, blank=True,
+        help_text="Tasks with this key start at most rate_limit times, on all workers.")
+    rate_limit = models.CharField(max_length=RATE_LIMIT_MAX_LENGTH, blank=True, default="",
+                                  help_text='Starts per period of the rate key: "100/m".')
+    waiting_for = models.CharField(
+        max_length=16, blank=True, default="", choices=WaitReason.choices,
+        help_text="Why the task waits (deferred by a limit); empty once it started.")
+    deferrals = models.PositiveIntegerField(
+        default=0, help_text="Deliveries deferred by a concurrency or rate limit.")
+
     parent_id = models.UUIDField(null=True, blank=True)
     root_id = models.UUIDField(null=True, blank=True)
     group_id = models.UUIDField(null=True, blank=True)
@@ -203,6 +230,9 @@ class TaskRecord(models.Model):
             # (state, next_attempt_at) index).
             models.Index(fields=["next_attempt_at"], name="rt_task_due",
                          condition=Q(state__in=["PENDING", "RETRY"], adopted=False)),
+            # The claim's count of a key's running tasks and the wake-up's oldest waiter.
+            models.Index(fields=["concurrency_key", "state", "created_at"],
+                         name="rt_task_concurrency", condition=Q(concurrency_key__isnull=False)),
         ]
         constraints = [
             models.UniqueConstraint(fields=["schedule", "scheduled_for"],
@@ -224,6 +254,26 @@ class TaskRecord(models.Model):
         from reliable_tasks.states import FINISHED_STATES
 
         return self.state in FINISHED_STATES
+
+
+class TaskLimiter(models.Model):
+    """The lock of one concurrency or rate key, and a rate key's bucket.
+
+    The claim of a limited task locks its key's row first, so that claims of one key take
+    turns (``reliable_tasks.limits``). A rate key's row is a GCRA bucket: ``allowed_at`` is
+    when the next start is allowed, ``reserved_until`` the end of the starts promised to
+    deferred tasks (both by the database's clock).
+    """
+
+    key = models.CharField(max_length=UNIQUE_KEY_MAX_LENGTH + 2, primary_key=True)
+    allowed_at = models.DateTimeField(null=True, blank=True)
+    reserved_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "task limiter"
+
+    def __str__(self) -> str:
+        return self.key
 
 
 class WorkerHeartbeat(models.Model):

@@ -37,6 +37,7 @@ from reliable_tasks.exceptions import (
     UnknownTaskError,
 )
 from reliable_tasks.ledger import key_holder, take_over
+from reliable_tasks.limits import call_limits
 from reliable_tasks.models import UNIQUE_KEY_MAX_LENGTH, TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
@@ -47,7 +48,8 @@ logger = logging.getLogger(__name__)
 #: ``apply_async`` options kept as record columns rather than in ``options``, and the
 #: dispatch's own (``on_conflict``), none of which goes into the message.
 _COLUMN_OPTIONS = ("countdown", "eta", "expires", "task_id", "max_attempts",
-                   "parent_id", "root_id", "unique_key", "on_conflict")
+                   "parent_id", "root_id", "unique_key", "on_conflict", "concurrency_key",
+                   "concurrency_limit", "rate_limit", "rate_key")
 
 #: ``on_conflict`` values: what a call gets when an unfinished task holds its ``unique_key``.
 RETURN_EXISTING = "return_existing"
@@ -147,6 +149,7 @@ def build_record(
         raise DispatchError(f"max_attempts must be a positive integer, not {max_attempts!r}")
     parent_id, root_id = _lineage(app, options)
     unique_key = _unique_key(task_type, name, args, kwargs, options)
+    limit_columns = call_limits(task_type, name, args, kwargs, options)
     extra = {key: value for key, value in options.items() if key not in _COLUMN_OPTIONS}
     stored_options = to_stored(extra, f"options of {name}") if extra else {}
     record = new_record({
@@ -162,6 +165,7 @@ def build_record(
         "root_id": root_id,
         "group_id": extra.get("group_id"),
         "unique_key": unique_key,
+        **limit_columns,
         "created_at": now,
     })
     record.next_attempt_at = _first_publish_due_at(record, now)
@@ -269,9 +273,10 @@ def dispatch(task: Any, args: Sequence[Any] | None = (), kwargs: Mapping[str, An
 
     ``task`` is a task object or a registered task name; ``options`` are those of
     ``apply_async`` (queue, countdown, eta, expires, priority, headers, ...) plus
-    ``max_attempts``, ``unique_key`` and ``on_conflict``. The record's id is the Celery task
-    id. Raises ``DispatchError`` for invalid input (nothing is recorded); never raises because
-    the broker is unavailable.
+    ``max_attempts``, ``unique_key``, ``on_conflict``, ``concurrency_key``,
+    ``concurrency_limit``, ``rate_limit`` and ``rate_key`` (``reliable_tasks.limits``). The
+    record's id is the Celery task id. Raises ``DispatchError`` for invalid input (nothing is
+    recorded); never raises because the broker is unavailable.
 
     While an unfinished task holds the call's ``unique_key`` (the option, else the task's
     ``unique_key(args, kwargs)``), nothing is recorded: with ``on_conflict="return_existing"``
@@ -400,9 +405,11 @@ def dispatch_many(calls: Iterable[Any]) -> list[TaskRecord]:
     now = timezone.now()
     records: list[TaskRecord] = []
     keyed: dict[int, tuple[str, bool]] = {}  # call index: on_conflict, given task id
-    for call in calls:
+    for index, call in enumerate(calls):
         task, args, kwargs, options = _normalize_call(call)
-        record = build_record(app, task, args, kwargs, options, now)
+        # One microsecond apart: rows keep their dispatch order (limits wake waiters by it).
+        record = build_record(app, task, args, kwargs, options,
+                              now + timedelta(microseconds=index))
         if record.unique_key is not None:
             keyed[len(records)] = (on_conflict_policy(app.tasks[record.task_name], options),
                                    bool(options.get("task_id")))

@@ -44,15 +44,18 @@ def _quoted(alias: str, *fields: str) -> list[str]:
 
 @lru_cache(maxsize=8)
 def _claim_sql(alias: str) -> str:
-    table, state, attempts, worker, started, lease, next_attempt, expires, pk, name = _quoted(
+    (table, state, attempts, worker, started, lease, next_attempt, expires, pk, name,
+     concurrency_key, rate_key) = _quoted(
         alias, "state", "attempts", "worker", "started_at", "lease_expires_at",
-        "next_attempt_at", "expires_at", "id", "task_name")
+        "next_attempt_at", "expires_at", "id", "task_name", "concurrency_key", "rate_key")
     states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
-    # The lease and the expiry are the database's time: another host compares them.
+    # The lease and the expiry are the database's time: another host compares them. A row
+    # with a limit is claimed by ``limits.claim`` instead.
     return (f"UPDATE {table} SET {state} = %s, {attempts} = {attempts} + 1, {worker} = %s, "
             f"{started} = %s, {lease} = {later_sql(0, alias)[0]}, {next_attempt} = NULL "
             f"WHERE {pk} = %s AND {name} = %s AND {state} IN ({states}) "
-            f"AND ({expires} IS NULL OR {expires} >= {now_sql(alias)[0]})")
+            f"AND ({expires} IS NULL OR {expires} >= {now_sql(alias)[0]}) "
+            f"AND {concurrency_key} IS NULL AND {rate_key} IS NULL")
 
 
 @lru_cache(maxsize=8)
@@ -97,8 +100,8 @@ def _moment(value: datetime, alias: str) -> Any:
 
 def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
           lease_seconds: float) -> int:
-    """STARTED for ``worker`` from a claimable state, if the task has not expired and the row
-    is still of ``task_name`` (a replacement may have taken it over).
+    """STARTED for ``worker`` from a claimable state, if the task has not expired, the row
+    is still of ``task_name`` (a replacement may have taken it over) and it has no limit.
 
     ``started_at`` is the claim's token (its outcome write names it); the lease runs for
     ``lease_seconds`` from the database's current time. Returns the number of rows changed

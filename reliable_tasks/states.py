@@ -18,6 +18,9 @@ class TaskState(models.TextChoices):
     #: The attempt handed its task id to a replacement (``Task.replace``); the replacement's
     #: dispatch takes the row over.
     REPLACED = "REPLACED", "Replaced"
+    #: Deferred by a concurrency limit (no message in the broker: published when a slot frees,
+    #: in dispatch order) or a rate limit (published when its token is due).
+    WAITING = "WAITING", "Waiting"
 
 
 #: States in which the task will not run again unless a human retries it.
@@ -31,4 +34,5 @@ MANUALLY_RETRYABLE_STATES = frozenset(
 )
 
 #: States from which a worker may claim a delivery and run the body.
-CLAIMABLE_STATES = frozenset({TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY})
+CLAIMABLE_STATES = frozenset({TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY,
+                              TaskState.WAITING})

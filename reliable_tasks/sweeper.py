@@ -15,7 +15,9 @@ One pass:
    locked until it is published and marked in the same transaction (other passes skip it, and
    a pass that dies lets it go at once), and a backlog is published by two such loops at once;
    elsewhere a batch is taken with one conditional UPDATE stamped with the pass's token, which
-   also pushes the rows' next attempt past the grace;
+   also pushes the rows' next attempt past the grace; before that, wakes rows that a
+   concurrency limit deferred where their key has free slots, and those a rate limit deferred
+   whose start is due (``reliable_tasks.limits``);
 4. pushes schedules whose last change did not reach RedBeat;
 5. prunes finished rows older than ``RETENTION``.
 """
@@ -32,6 +34,7 @@ from typing import Any
 
 from django.db import connection, connections, transaction
 
+from reliable_tasks import limits
 from reliable_tasks.broker_audit import messages_present, queue_names
 from reliable_tasks.broker_epoch import (
     EpochCheck,
@@ -65,6 +68,8 @@ class SweepReport:
     broker_changed: bool = False
     requeued_after_broker_loss: int = 0
     requeued_missing_messages: int = 0
+    woken_for_concurrency: int = 0
+    woken_for_rate: int = 0
     published: int = 0
     publish_failed: int = 0
     schedules_pushed: int = 0
@@ -111,6 +116,7 @@ def sweep(now: datetime | None = None, *, time_budget: float | None = None) -> S
         report.requeued_after_broker_loss = requeue_after_broker_loss(
             epoch, now, batch_size, budget)
     report.requeued_missing_messages = requeue_missing_messages(epoch, now, batch_size, budget)
+    report.woken_for_concurrency, report.woken_for_rate = wake_waiters(now, batch_size, budget)
     report.published, report.publish_failed = publish_due_rows(now, batch_size, budget)
     report.schedules_pushed = push_marked(batch_size).pushed if budget.left() else 0
     report.pruned = prune_finished(now, batch_size, budget)
@@ -373,6 +379,24 @@ class _Publishing:
             thread.join()
         if failures:
             raise failures[0]
+
+
+def wake_waiters(now: datetime, batch_size: int, budget: _Budget) -> tuple[int, int]:
+    """Wake rows that a limit deferred; return (woken for a concurrency slot, for a rate).
+
+    The backstop of the wake-up a finishing run does: a slot freed by an expired lease, a
+    revoke or a worker that died before waking anyone. Rows woken for a slot are published
+    here; rows whose rate start is due become due PENDING rows for the publish step.
+    """
+    slots = 0
+    for key in limits.waiting_concurrency_keys(batch_size):
+        if not budget.left():
+            break
+        woken = limits.wake(key)
+        publish_records(woken)
+        slots += len(woken)
+    rate = limits.wake_due_rate_waiters(now, batch_size) if budget.left() else 0
+    return slots, rate
 
 
 def publish_due_rows(now: datetime, batch_size: int, budget: _Budget) -> tuple[int, int]:

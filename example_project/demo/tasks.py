@@ -257,3 +257,15 @@ def gives_up(self: ReliableTask, how: str) -> None:
     if how == "ignore":
         raise Ignore("nothing to do")
     raise Reject("cannot be done", requeue=False)
+
+
+@shared_task(bind=True, base=ReliableTask, name="demo.span", retry_on_lost=True)
+def span(self: ReliableTask, path: str, token: str, seconds: float = 0.0) -> str:
+    """Log the start and the end of the body to the file at ``path`` (``<token>:start`` and
+    ``<token>:end`` lines, as ``log_run``), sleeping ``seconds`` between: the limits' tests
+    read from them how many bodies ran at once and when each started."""
+    append_run(path, self.request.id or "", f"{token}:start")
+    if seconds:
+        time.sleep(seconds)
+    append_run(path, self.request.id or "", f"{token}:end")
+    return token
