@@ -61,6 +61,10 @@ class Claim:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _alias() -> str:
+    return router.db_for_write(TaskRecord)
+
+
 def _lease(now: datetime) -> datetime:
     return now + timedelta(seconds=app_settings.LEASE_TIMEOUT)
 
@@ -93,6 +97,12 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
                                         started_at=started_at,
                                         lease_seconds=app_settings.LEASE_TIMEOUT):
         return Claim(won=True, worker=worker, started_at=started_at)
+    if enforce_limits and statements.claims_within_a_limit_at_once(_alias()):
+        key = statements.claim_within_concurrency_limit(
+            task_id, task_name=task_name, worker=worker, started_at=started_at,
+            lease_seconds=app_settings.LEASE_TIMEOUT)
+        if key is not None:
+            return Claim(won=True, worker=worker, started_at=started_at, concurrency_key=key)
     claimed = _claim_contended(task_id, task_name, worker, started_at, rerun_after_lost,
                                max_attempts, enforce_limits)
     if not claimed.won and not claimed.waiting_for:
@@ -113,7 +123,8 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
         return _claim_unrecorded(task_id, task_name, worker, started_at, now)
     state = row["state"]
     if state == TaskState.STARTED and (row["worker"], row["started_at"]) == (worker, started_at):
-        return Claim(won=True, worker=worker, started_at=started_at)  # an earlier try won
+        return Claim(won=True, worker=worker, started_at=started_at,  # an earlier try won
+                     concurrency_key=row["concurrency_key"])
     if row["task_name"] != task_name:
         return Claim(won=False, reason=f"the task id now runs {row['task_name']} (replaced)")
     if state in CLAIMABLE_STATES and row["expires_at"] is not None and row["expires_at"] < now:

@@ -154,9 +154,23 @@ def _alias() -> str:
     return router.db_for_write(TaskRecord)
 
 
-def _lock(alias: str, key: str) -> None:
-    """Lock the ``TaskLimiter`` row of ``key`` until the transaction ends (made if new)."""
+def advisory_lock_sql(key: str) -> str:
+    """PostgreSQL: SQL taking the transaction-level advisory lock of the SQL string ``key``."""
+    return f"pg_advisory_xact_lock(hashtextextended({key}, 0))"
+
+
+def lock_key(alias: str, key: str) -> None:
+    """Lock ``key`` (a prefixed key) until the transaction ends.
+
+    PostgreSQL: an advisory lock of the key's hash (no write; two keys of one hash merely
+    take turns). Elsewhere the key's ``TaskLimiter`` row, made if new: a write, which also
+    takes SQLite's one write lock.
+    """
     connection = connections[alias]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SELECT {advisory_lock_sql('%s')}", [key])
+        return
     table = connection.ops.quote_name(TaskLimiter._meta.db_table)
     column = connection.ops.quote_name("key")
     if connection.vendor == "mysql":
@@ -169,6 +183,12 @@ def _lock(alias: str, key: str) -> None:
         cursor.execute(sql, [key])
 
 
+def _bucket(alias: str, key: str) -> dict[str, Any]:
+    """The rate bucket of ``key`` (a prefixed key, locked by ``lock_key``), made if new."""
+    bucket, _created = TaskLimiter.objects.using(alias).get_or_create(key=key)
+    return {"allowed_at": bucket.allowed_at, "reserved_until": bucket.reserved_until}
+
+
 @lru_cache(maxsize=8)
 def _claim_sql(alias: str, counted: bool) -> str:
     """The limited claim: STARTED from a claimable state, while the key has a free slot
@@ -177,7 +197,7 @@ def _claim_sql(alias: str, counted: bool) -> str:
     quote = connection.ops.quote_name
     table = quote(TaskRecord._meta.db_table)
     states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
-    slots = (f" AND ({_slots_taken_sql(alias)}) < %s" if counted else "")
+    slots = (f" AND ({slots_taken_sql(alias)}) < %s" if counted else "")
     return (f"UPDATE {table} SET {quote('state')} = %s, {quote('attempts')} = "
             f"{quote('attempts')} + 1, {quote('worker')} = %s, {quote('started_at')} = %s, "
             f"{quote('lease_expires_at')} = %s, {quote('next_attempt_at')} = NULL, "
@@ -187,20 +207,29 @@ def _claim_sql(alias: str, counted: bool) -> str:
             f"AND ({quote('expires_at')} IS NULL OR {quote('expires_at')} >= %s){slots}")
 
 
-def _slots_taken_sql(alias: str) -> str:
+def slots_taken_sql(alias: str, key: str = "%s", created: str = "%s",
+                    pk: str = "%s") -> str:
     """SQL counting the slots of a concurrency key taken for a row: the key's STARTED rows and
     the rows that waited before it (older in dispatch order) and were woken or wait still.
-    Parameters: the key, the row's created_at twice and its id."""
+    ``key``, ``created`` and ``pk`` are SQL of the key, the row's created_at and its id
+    (parameters by default: the key and created_at are then given twice).
+
+    Two counts, each answered by an index: ``rt_task_concurrency`` (key, state) for the
+    running rows, ``rt_task_waiters`` (the rows that waited, by key and age) for the others.
+    """
     quote = connections[alias].ops.quote_name
     table = quote(TaskRecord._meta.db_table)
-    key, state, waiting, created, pk = (quote(name) for name in (
+    key_column, state, waiting, created_column, pk_column = (quote(name) for name in (
         "concurrency_key", "state", "waiting_for", "created_at", "id"))
     waiters = ", ".join(f"'{state_}'" for state_ in (TaskState.WAITING, *_WOKEN_STATES))
-    return (f"SELECT COUNT(*) FROM {table} other WHERE other.{key} = %s "
-            f"AND (other.{state} = '{TaskState.STARTED.value}' "
-            f"OR (other.{waiting} = '{WaitReason.CONCURRENCY.value}' "
-            f"AND other.{state} IN ({waiters}) "
-            f"AND (other.{created} < %s OR (other.{created} = %s AND other.{pk} < %s))))")
+    running = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = {key} "
+               f"AND other.{state} = '{TaskState.STARTED.value}'")
+    ahead = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = {key} "
+             f"AND other.{waiting} = '{WaitReason.CONCURRENCY.value}' "
+             f"AND other.{state} IN ({waiters}) "
+             f"AND (other.{created_column} < {created} OR (other.{created_column} = {created} "
+             f"AND other.{pk_column} < {pk}))")
+    return f"({running}) + ({ahead})"
 
 
 def _claim_update(alias: str, row: Mapping[str, Any], *, worker: str, started_at: datetime,
@@ -217,12 +246,13 @@ def _claim_update(alias: str, row: Mapping[str, Any], *, worker: str, started_at
     task_id = pk.get_db_prep_value(row["id"], connection)
     slot_params: list[Any] = []
     if limit is not None:
-        slot_params = [row["concurrency_key"], ops.adapt_datetimefield_value(row["created_at"]),
+        slot_params = [row["concurrency_key"], row["concurrency_key"],
+                       ops.adapt_datetimefield_value(row["created_at"]),
                        ops.adapt_datetimefield_value(row["created_at"]), task_id]
     counted = limit is not None and connection.vendor != "mysql"
     if limit is not None and not counted:
         with connection.cursor() as cursor:
-            cursor.execute(_slots_taken_sql(alias), slot_params)
+            cursor.execute(f"SELECT {slots_taken_sql(alias)}", slot_params)
             if int(cursor.fetchone()[0]) >= limit:
                 return 0
     params = [TaskState.STARTED.value, worker, ops.adapt_datetimefield_value(started_at),
@@ -250,12 +280,11 @@ def claim(row: Mapping[str, Any], *, worker: str, started_at: datetime, lease_se
     rate = parse_rate(row["rate_limit"]) if enforce and rate_key and row["rate_limit"] else None
     with transaction.atomic(using=alias):
         if limit is not None:
-            _lock(alias, CONCURRENCY_PREFIX + concurrency_key)
+            lock_key(alias, CONCURRENCY_PREFIX + concurrency_key)
         bucket: dict[str, Any] | None = None
         if rate is not None:
-            _lock(alias, RATE_PREFIX + rate_key)
-            bucket = TaskLimiter.objects.using(alias).filter(
-                key=RATE_PREFIX + rate_key).values("allowed_at", "reserved_until").get()
+            lock_key(alias, RATE_PREFIX + rate_key)
+            bucket = _bucket(alias, RATE_PREFIX + rate_key)
         now = database_now(alias)
         if bucket is not None and rate is not None:
             refused = _rate_refusal(row, bucket, now)
@@ -328,7 +357,7 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
     """
     alias = _alias()
     with transaction.atomic(using=alias):
-        _lock(alias, CONCURRENCY_PREFIX + concurrency_key)
+        lock_key(alias, CONCURRENCY_PREFIX + concurrency_key)
         waiting = TaskRecord.objects.using(alias).filter(
             concurrency_key=concurrency_key, state=TaskState.WAITING,
             waiting_for=WaitReason.CONCURRENCY).order_by("created_at", "id")

@@ -230,9 +230,12 @@ class TaskRecord(models.Model):
             # (state, next_attempt_at) index).
             models.Index(fields=["next_attempt_at"], name="rt_task_due",
                          condition=Q(state__in=["PENDING", "RETRY"], adopted=False)),
-            # The claim's count of a key's running tasks and the wake-up's oldest waiter.
+            # The claim's count of a key's running tasks, and of the rows that waited for a
+            # slot (few: a row leaves it when it starts), by age: the wake-up's oldest waiter.
             models.Index(fields=["concurrency_key", "state", "created_at"],
                          name="rt_task_concurrency", condition=Q(concurrency_key__isnull=False)),
+            models.Index(fields=["concurrency_key", "created_at"], name="rt_task_waiters",
+                         condition=Q(waiting_for="concurrency")),
         ]
         constraints = [
             models.UniqueConstraint(fields=["schedule", "scheduled_for"],

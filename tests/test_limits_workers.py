@@ -80,6 +80,8 @@ def test_a_limit_of_3_over_50_tasks_on_4_workers_never_runs_more_than_3(
     lines = spans(log)
     starts = Counter(token for token, edge, _ in lines if edge == "start")
     assert len(starts) == 50 and set(starts.values()) == {1}, "each body ran exactly once"
+    print(f"most bodies at once: {most_at_once(lines)}, over "
+          f"{lines[-1][2] - lines[0][2]:.2f} s")
     assert most_at_once(lines) == 3, "never more than the limit, and the limit was reached"
     rows = TaskRecord.objects.filter(concurrency_key="exports")
     assert set(rows.values_list("state", flat=True)) == {TaskState.SUCCESS}
@@ -105,6 +107,7 @@ def test_a_killed_worker_s_slot_returns_within_the_lease_bound(
 
     waiter_start = next(moment for token, edge, moment in spans(log)
                         if (token, edge) == ("waiter", "start"))
+    print(f"the slot returned {waiter_start - killed_at:.2f} s after the kill")
     assert waiter_start - killed_at <= LEASE_TIMEOUT + SWEEP_INTERVAL + 3
     holder_row = TaskRecord.objects.get(pk=holder.pk)
     assert holder_row.state in (TaskState.RETRY, TaskState.QUEUED, TaskState.STARTED,
@@ -125,5 +128,6 @@ def test_a_rate_of_10_per_second_over_100_tasks_on_4_workers_never_starts_11_in_
     assert len(starts) == 100
     busiest = max(sum(1 for other in starts if first <= other < first + 1.0)
                   for first in starts)
+    print(f"busiest second: {busiest} starts; 100 starts in {starts[-1] - starts[0]:.2f} s")
     assert busiest <= 10
     assert starts[-1] - starts[0] >= 9.0, "100 starts at 10 a second take 9.9 s at least"

@@ -106,6 +106,10 @@ class Migration(migrations.Migration):
             model_name='taskrecord',
             index=models.Index(condition=models.Q(('concurrency_key__isnull', False)), fields=['concurrency_key', 'state', 'created_at'], name='rt_task_concurrency'),
         ),
+        migrations.AddIndex(
+            model_name='taskrecord',
+            index=models.Index(condition=models.Q(('waiting_for', 'concurrency')), fields=['concurrency_key', 'created_at'], name='rt_task_waiters'),
+        ),
         migrations.AddConstraint(
             model_name='taskrecord',
             constraint=models.UniqueConstraint(condition=models.Q(('state__in', ('PENDING', 'QUEUED', 'STARTED', 'RETRY', 'REPLACED', 'WAITING')), ('unique_key__isnull', False)), fields=('unique_key',), name='rt_task_unique_key'),
