@@ -97,12 +97,13 @@ def claim(task_id: str, *, task_name: str, worker: str, rerun_after_lost: bool,
                                         started_at=started_at,
                                         lease_seconds=app_settings.LEASE_TIMEOUT):
         return Claim(won=True, worker=worker, started_at=started_at)
-    if enforce_limits and statements.claims_within_a_limit_at_once(_alias()):
-        key = statements.claim_within_concurrency_limit(
+    if enforce_limits and statements.claims_within_limits_at_once(_alias()):
+        key = statements.claim_within_limits(
             task_id, task_name=task_name, worker=worker, started_at=started_at,
             lease_seconds=app_settings.LEASE_TIMEOUT)
         if key is not None:
-            return Claim(won=True, worker=worker, started_at=started_at, concurrency_key=key)
+            return Claim(won=True, worker=worker, started_at=started_at,
+                         concurrency_key=key or None)
     claimed = _claim_contended(task_id, task_name, worker, started_at, rerun_after_lost,
                                max_attempts, enforce_limits)
     if not claimed.won and not claimed.waiting_for:

@@ -129,7 +129,7 @@ def call_limits(task_type: Any, name: str, args: Sequence[Any], kwargs: Mapping[
     keyed_rate = _key(rate_key, rate_key_source, args, kwargs)
     if rate is not None:
         parse_rate(rate)
-        columns.update(rate_key=keyed_rate or name, rate_limit=rate.strip())
+        columns.update(rate_key=keyed_rate or name, rate_limit="".join(rate.split()))
     elif keyed_rate is not None:
         raise DispatchError(f"{rate_key_source} needs a rate_limit (such as '100/m')")
     return columns
@@ -154,22 +154,17 @@ def _alias() -> str:
     return router.db_for_write(TaskRecord)
 
 
-def advisory_lock_sql(key: str) -> str:
-    """PostgreSQL: SQL taking the transaction-level advisory lock of the SQL string ``key``."""
-    return f"pg_advisory_xact_lock(hashtextextended({key}, 0))"
-
-
 def lock_key(alias: str, key: str) -> None:
     """Lock ``key`` (a prefixed key) until the transaction ends.
 
     PostgreSQL: an advisory lock of the key's hash (no write; two keys of one hash merely
-    take turns). Elsewhere the key's ``TaskLimiter`` row, made if new: a write, which also
-    takes SQLite's one write lock.
+    take turns), the lock migration 0010's claim function takes too. Elsewhere the key's
+    ``TaskLimiter`` row, made if new: a write, which also takes SQLite's one write lock.
     """
     connection = connections[alias]
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute(f"SELECT {advisory_lock_sql('%s')}", [key])
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [key])
         return
     table = connection.ops.quote_name(TaskLimiter._meta.db_table)
     column = connection.ops.quote_name("key")
@@ -207,12 +202,10 @@ def _claim_sql(alias: str, counted: bool) -> str:
             f"AND ({quote('expires_at')} IS NULL OR {quote('expires_at')} >= %s){slots}")
 
 
-def slots_taken_sql(alias: str, key: str = "%s", created: str = "%s",
-                    pk: str = "%s") -> str:
+def slots_taken_sql(alias: str) -> str:
     """SQL counting the slots of a concurrency key taken for a row: the key's STARTED rows and
     the rows that waited before it (older in dispatch order) and were woken or wait still.
-    ``key``, ``created`` and ``pk`` are SQL of the key, the row's created_at and its id
-    (parameters by default: the key and created_at are then given twice).
+    Parameters: the key twice, the row's created_at twice and its id.
 
     Two counts, each answered by an index: ``rt_task_concurrency`` (key, state) for the
     running rows, ``rt_task_waiters`` (the rows that waited, by key and age) for the others.
@@ -222,13 +215,13 @@ def slots_taken_sql(alias: str, key: str = "%s", created: str = "%s",
     key_column, state, waiting, created_column, pk_column = (quote(name) for name in (
         "concurrency_key", "state", "waiting_for", "created_at", "id"))
     waiters = ", ".join(f"'{state_}'" for state_ in (TaskState.WAITING, *_WOKEN_STATES))
-    running = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = {key} "
+    running = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = %s "
                f"AND other.{state} = '{TaskState.STARTED.value}'")
-    ahead = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = {key} "
+    ahead = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = %s "
              f"AND other.{waiting} = '{WaitReason.CONCURRENCY.value}' "
              f"AND other.{state} IN ({waiters}) "
-             f"AND (other.{created_column} < {created} OR (other.{created_column} = {created} "
-             f"AND other.{pk_column} < {pk}))")
+             f"AND (other.{created_column} < %s OR (other.{created_column} = %s "
+             f"AND other.{pk_column} < %s))")
     return f"({running}) + ({ahead})"
 
 
@@ -353,9 +346,16 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
     (WAITING -> PENDING) and return them, for the caller to publish (``publish_records``).
 
     Takes the key's lock, so a claim deferring a row meanwhile is either seen here or sees the
-    slot free. The limit is the oldest waiter's.
+    slot free. The limit is the oldest waiter's. On PostgreSQL, migration 0010's function
+    ``rt_wake_concurrency_waiters`` does it in one statement.
     """
     alias = _alias()
+    if connections[alias].vendor == "postgresql":
+        with connections[alias].cursor() as cursor:  # the same, in one statement
+            cursor.execute("SELECT rt_wake_concurrency_waiters(%s, %s)",
+                           [concurrency_key, float(app_settings.PUBLISH_GRACE)])
+            ids = [row[0] for row in cursor.fetchall()]
+        return list(TaskRecord.objects.using(alias).filter(id__in=ids)) if ids else []
     with transaction.atomic(using=alias):
         lock_key(alias, CONCURRENCY_PREFIX + concurrency_key)
         waiting = TaskRecord.objects.using(alias).filter(

@@ -23,7 +23,6 @@ from typing import Any
 from django.db import connections, models, router
 
 from reliable_tasks.clock import later_sql, now_sql
-from reliable_tasks.limits import CONCURRENCY_PREFIX, advisory_lock_sql, slots_taken_sql
 from reliable_tasks.models import TaskRecord
 from reliable_tasks.states import CLAIMABLE_STATES, TaskState
 
@@ -117,58 +116,25 @@ def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
     ], alias)
 
 
-def claims_within_a_limit_at_once(alias: str) -> bool:
-    """Whether ``claim_within_concurrency_limit`` can run on ``alias``: PostgreSQL, with
-    client-side parameter binding (two statements in one query)."""
-    connection = connections[alias]
-    return connection.vendor == "postgresql" and not connection.settings_dict.get(
-        "OPTIONS", {}).get("server_side_binding")
+def claims_within_limits_at_once(alias: str) -> bool:
+    """Whether ``claim_within_limits`` can run on ``alias`` (PostgreSQL)."""
+    return connections[alias].vendor == "postgresql"
 
 
-@lru_cache(maxsize=8)
-def _concurrency_claim_sql(alias: str) -> str:
-    """Two statements sent as one query, one implicit transaction: lock the row's key (as
-    ``limits.lock_key`` does), then claim while the key has a free slot. Each statement reads
-    what was committed when it began, so the count sees every claim that held the lock
-    before."""
-    quote = connections[alias].ops.quote_name
-    table = quote(TaskRecord._meta.db_table)
-    (state, attempts, worker, started, lease, next_attempt, expires, pk, name, concurrency_key,
-     limit, rate_key, waiting, created) = (quote(column) for column in (
-        "state", "attempts", "worker", "started_at", "lease_expires_at", "next_attempt_at",
-        "expires_at", "id", "task_name", "concurrency_key", "concurrency_limit", "rate_key",
-        "waiting_for", "created_at"))
-    states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
-    prefixed = f"'{CONCURRENCY_PREFIX}' || mine.{concurrency_key}"
-    lock = (f"SELECT {advisory_lock_sql(prefixed)} "
-            f"FROM {table} mine WHERE mine.{pk} = %s AND mine.{concurrency_key} IS NOT NULL")
-    taken = slots_taken_sql(alias, f"mine.{concurrency_key}", f"mine.{created}", f"mine.{pk}")
-    claim = (f"UPDATE {table} AS mine SET {state} = %s, {attempts} = mine.{attempts} + 1, "
-             f"{worker} = %s, {started} = %s, {lease} = {later_sql(0, alias)[0]}, "
-             f"{next_attempt} = NULL, {waiting} = '' "
-             f"WHERE mine.{pk} = %s AND mine.{name} = %s AND mine.{state} IN ({states}) "
-             f"AND (mine.{expires} IS NULL OR mine.{expires} >= {now_sql(alias)[0]}) "
-             f"AND mine.{rate_key} IS NULL AND mine.{concurrency_key} IS NOT NULL "
-             f"AND ({taken}) < mine.{limit} RETURNING mine.{concurrency_key}")
-    return f"{lock}; {claim}"
-
-
-def claim_within_concurrency_limit(task_id: str, *, task_name: str, worker: str,
-                                   started_at: datetime, lease_seconds: float) -> str | None:
-    """``claim`` for a row with a concurrency limit (and no rate limit), within the limit, in
-    one round trip (``claims_within_a_limit_at_once``); return the key of the slot it took,
-    or None when it did not win (the caller reads the row to decide)."""
+def claim_within_limits(task_id: str, *, task_name: str, worker: str, started_at: datetime,
+                        lease_seconds: float) -> str | None:
+    """``claim`` for a row with limits, when they let it start now (``limits.claim`` decides
+    the same), in one statement: the function ``rt_claim_within_limits`` of migration 0010
+    (PostgreSQL keeps its plans, where the same SQL sent as a query would be planned on every
+    claim). Returns the row's concurrency key (``""`` without one) when it won, else None:
+    the caller reads the row to decide (and defer)."""
     alias = _alias()
-    task_key = _id(task_id, alias)
     with connections[alias].cursor() as cursor:
-        cursor.execute(_concurrency_claim_sql(alias), [
-            task_key, TaskState.STARTED.value, worker, _moment(started_at, alias),
-            *later_sql(lease_seconds, alias)[1], task_key, task_name,
-            *(state.value for state in CLAIMABLE_STATES), *now_sql(alias)[1],
-        ])
-        cursor.nextset()
+        cursor.execute("SELECT rt_claim_within_limits(%s, %s, %s, %s, %s)", [
+            _id(task_id, alias), task_name, worker, _moment(started_at, alias),
+            float(lease_seconds)])
         found = cursor.fetchone()
-    return None if found is None else str(found[0])
+    return None if found is None or found[0] is None else str(found[0])
 
 
 def succeed(task_id: str, *, worker: str, started_at: datetime, now: datetime) -> int:

@@ -45,6 +45,144 @@ class LiveKeyStates(migrations.operations.base.Operation):
         return "On MySQL/MariaDB, the unique_key generated column holds WAITING rows' keys"
 
 
+#: PostgreSQL: the claim of a row with limits, as ``limits.claim`` decides it when the row
+#: may start, in one statement whose plans PL/pgSQL keeps per connection
+#: (statements.claim_within_limits). Each statement of the function reads what was committed
+#: when it began, so what follows the keys' advisory locks sees every claim that held them
+#: before. Returns the row's concurrency key ('' without one) when it won, else NULL: the
+#: caller then decides (and defers) in Python.
+_CLAIM_FUNCTION = """
+CREATE OR REPLACE FUNCTION rt_claim_within_limits(
+    task_id uuid, name varchar, claimer varchar, claim_started timestamptz,
+    lease_seconds double precision) RETURNS varchar LANGUAGE plpgsql VOLATILE AS $body$
+DECLARE
+    mine reliable_tasks_taskrecord%ROWTYPE;
+    period varchar;
+    rate_interval interval;
+    bucket_allowed timestamptz;
+    bucket_reserved timestamptz;
+BEGIN
+    SELECT * INTO mine FROM reliable_tasks_taskrecord WHERE id = task_id;
+    IF NOT FOUND OR (mine.concurrency_key IS NULL AND mine.rate_key IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF mine.concurrency_key IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('c:' || mine.concurrency_key, 0));
+    END IF;
+    IF mine.rate_key IS NOT NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('r:' || mine.rate_key, 0));
+        SELECT allowed_at, reserved_until INTO bucket_allowed, bucket_reserved
+            FROM reliable_tasks_tasklimiter WHERE key = 'r:' || mine.rate_key;
+        IF bucket_allowed > STATEMENT_TIMESTAMP() OR (mine.waiting_for <> 'rate'
+                AND bucket_reserved > STATEMENT_TIMESTAMP()) THEN
+            RETURN NULL;
+        END IF;
+        period := split_part(mine.rate_limit, '/', 2);
+        rate_interval := COALESCE(NULLIF(left(period, -1), '')::double precision, 1)
+            * CASE right(period, 1) WHEN 's' THEN 1 WHEN 'm' THEN 60 WHEN 'h' THEN 3600
+                                    ELSE 86400 END
+            / split_part(mine.rate_limit, '/', 1)::double precision * INTERVAL '1 second';
+    END IF;
+    UPDATE reliable_tasks_taskrecord AS claimed
+        SET state = 'STARTED', attempts = claimed.attempts + 1, worker = claimer,
+            started_at = claim_started,
+            lease_expires_at = STATEMENT_TIMESTAMP() + lease_seconds * INTERVAL '1 second',
+            next_attempt_at = NULL, waiting_for = ''
+        WHERE claimed.id = task_id AND claimed.task_name = name
+            AND claimed.state IN ('PENDING', 'QUEUED', 'RETRY', 'WAITING')
+            AND (claimed.expires_at IS NULL OR claimed.expires_at >= STATEMENT_TIMESTAMP())
+            AND claimed.concurrency_key IS NOT DISTINCT FROM mine.concurrency_key
+            AND claimed.rate_key IS NOT DISTINCT FROM mine.rate_key
+            AND (mine.concurrency_key IS NULL
+              OR (SELECT COUNT(*) FROM reliable_tasks_taskrecord other
+                  WHERE other.concurrency_key = mine.concurrency_key
+                    AND other.state = 'STARTED')
+               + (SELECT COUNT(*) FROM reliable_tasks_taskrecord other
+                  WHERE other.concurrency_key = mine.concurrency_key
+                    AND other.waiting_for = 'concurrency'
+                    AND other.state IN ('WAITING', 'PENDING', 'QUEUED')
+                    AND (other.created_at < mine.created_at
+                         OR (other.created_at = mine.created_at AND other.id < task_id)))
+               < claimed.concurrency_limit);
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF mine.rate_key IS NOT NULL THEN
+        INSERT INTO reliable_tasks_tasklimiter (key, allowed_at)
+            VALUES ('r:' || mine.rate_key, STATEMENT_TIMESTAMP() + rate_interval)
+            ON CONFLICT (key) DO UPDATE SET allowed_at = EXCLUDED.allowed_at;
+    END IF;
+    RETURN COALESCE(mine.concurrency_key, '');
+END
+$body$
+"""
+#: PostgreSQL: ``limits.wake`` in one statement: under the key's advisory lock, the oldest
+#: WAITING rows of the key that fit its free slots become PENDING, due after ``grace``
+#: seconds; returns their ids (none, and nothing written, when no row waits).
+_WAKE_FUNCTION = """
+CREATE OR REPLACE FUNCTION rt_wake_concurrency_waiters(
+    limited_key varchar, grace double precision) RETURNS SETOF uuid
+    LANGUAGE plpgsql VOLATILE AS $body$
+DECLARE
+    head_limit integer;
+    free integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('c:' || limited_key, 0));
+    SELECT concurrency_limit INTO head_limit FROM reliable_tasks_taskrecord
+        WHERE concurrency_key = limited_key AND waiting_for = 'concurrency'
+            AND state = 'WAITING'
+        ORDER BY created_at, id LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    free := COALESCE(head_limit, 1)
+        - (SELECT COUNT(*) FROM reliable_tasks_taskrecord
+           WHERE concurrency_key = limited_key AND state = 'STARTED')
+        - (SELECT COUNT(*) FROM reliable_tasks_taskrecord
+           WHERE concurrency_key = limited_key AND waiting_for = 'concurrency'
+               AND state IN ('PENDING', 'QUEUED'));
+    IF free <= 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY UPDATE reliable_tasks_taskrecord
+        SET state = 'PENDING',
+            next_attempt_at = STATEMENT_TIMESTAMP() + grace * INTERVAL '1 second'
+        WHERE id IN (SELECT id FROM reliable_tasks_taskrecord
+                     WHERE concurrency_key = limited_key AND waiting_for = 'concurrency'
+                         AND state = 'WAITING'
+                     ORDER BY created_at, id LIMIT free)
+            AND state = 'WAITING'
+        RETURNING id;
+END
+$body$
+"""
+_DROP_FUNCTIONS = (
+    "DROP FUNCTION IF EXISTS rt_claim_within_limits("
+    "uuid, varchar, varchar, timestamptz, double precision); "
+    "DROP FUNCTION IF EXISTS rt_wake_concurrency_waiters(varchar, double precision)")
+
+
+class ConcurrencyFunctions(migrations.operations.base.Operation):
+    """On PostgreSQL only: ``rt_claim_within_limits`` and ``rt_wake_concurrency_waiters``."""
+
+    reversible = True
+
+    def state_forwards(self, app_label, state):
+        pass
+
+    def database_forwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(_CLAIM_FUNCTION, params=None)
+            schema_editor.execute(_WAKE_FUNCTION, params=None)
+
+    def database_backwards(self, app_label, schema_editor, from_state, to_state):
+        if schema_editor.connection.vendor == "postgresql":
+            schema_editor.execute(_DROP_FUNCTIONS)
+
+    def describe(self):
+        return "On PostgreSQL, the functions of the limited claim and the wake-up"
+
+
 class Migration(migrations.Migration):
 
     dependencies = [
@@ -115,4 +253,5 @@ class Migration(migrations.Migration):
             constraint=models.UniqueConstraint(condition=models.Q(('state__in', ('PENDING', 'QUEUED', 'STARTED', 'RETRY', 'REPLACED', 'WAITING')), ('unique_key__isnull', False)), fields=('unique_key',), name='rt_task_unique_key'),
         ),
         LiveKeyStates(),
+        ConcurrencyFunctions(),
     ]
