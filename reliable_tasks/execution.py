@@ -266,7 +266,7 @@ class ReliableTask(DjangoTask):
                                 rerun_after_lost=self.reruns_after_lost(request.kwargs),
                                 started_at=token,
                                 max_attempts=int(self.max_attempts),
-                                limited=self._has_limits(),
+                                limited=self._has_limits(request),
                                 enforce_limits=not request.is_eager)
 
         try:
@@ -287,8 +287,10 @@ class ReliableTask(DjangoTask):
             raise Ignore(f"duplicate delivery: {claimed.reason}")
         return claimed
 
-    def _has_limits(self) -> bool:
-        return bool(self.concurrency_limit or self.global_rate_limit)
+    def _has_limits(self, request: Any) -> bool:
+        """Whether the delivery's row has limits: the task's own, or a call's (its header)."""
+        return bool(self.concurrency_limit or self.global_rate_limit
+                    or getattr(request, limits.LIMITED_HEADER, False))
 
     def _wait(self, request: Any, claimed: ledger.Claim) -> NoReturn:
         """A limit deferred the delivery (its row is WAITING): acknowledge it, body not run.

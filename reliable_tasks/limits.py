@@ -48,6 +48,8 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d*(?:\.\d+)?)\s*([smhd])\s*$")
 #: name are different limits.
 CONCURRENCY_PREFIX = "c:"
 RATE_PREFIX = "r:"
+#: The message header of a row with limits (``request.reliable_limited`` on the worker).
+LIMITED_HEADER = "reliable_limited"
 #: States of a woken row (its slot is promised until it starts).
 _WOKEN_STATES = (TaskState.PENDING, TaskState.QUEUED)
 

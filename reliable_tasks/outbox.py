@@ -37,7 +37,7 @@ from reliable_tasks.exceptions import (
     UnknownTaskError,
 )
 from reliable_tasks.ledger import key_holder, take_over
-from reliable_tasks.limits import call_limits
+from reliable_tasks.limits import LIMITED_HEADER, call_limits
 from reliable_tasks.models import UNIQUE_KEY_MAX_LENGTH, TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
@@ -151,6 +151,9 @@ def build_record(
     unique_key = _unique_key(task_type, name, args, kwargs, options)
     limit_columns = call_limits(task_type, name, args, kwargs, options)
     extra = {key: value for key, value in options.items() if key not in _COLUMN_OPTIONS}
+    if limit_columns["concurrency_key"] or limit_columns["rate_key"]:
+        # The worker's claim then goes straight to the claim within limits.
+        extra["headers"] = {**(extra.get("headers") or {}), LIMITED_HEADER: True}
     stored_options = to_stored(extra, f"options of {name}") if extra else {}
     record = new_record({
         "task_name": name,

@@ -6,6 +6,7 @@ The claims here are the workers' own (``ledger.claim``) against the test databas
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -102,6 +103,17 @@ def test_a_limit_the_ledger_cannot_enforce_is_refused_and_nothing_is_recorded(op
 ])
 def test_rates_read_as_a_count_per_period(text, count, period):
     assert limits.parse_rate(text) == limits.Rate(count, period)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_message_of_a_row_with_limits_says_so_and_keeps_the_caller_s_headers(redis_server):
+    dispatch(add, (1, 2), concurrency_limit=2, headers={"tenant": "acme"})
+    dispatch(add, (1, 2), rate_limit="1/s")
+    dispatch(add, (1, 2))
+    messages = [json.loads(raw) for raw in redis_server.client().lrange("celery", 0, -1)]
+    flags = sorted(str(message["headers"].get("reliable_limited")) for message in messages)
+    assert flags == ["None", "True", "True"]
+    assert [m["headers"]["tenant"] for m in messages if "tenant" in m["headers"]] == ["acme"]
 
 
 # --- concurrency ----------------------------------------------------------------------------
