@@ -86,7 +86,7 @@ def find_redis_cli() -> str:
 
 
 @functools.cache
-def _redis_major_version(binary: str) -> int:
+def redis_major_version(binary: str) -> int:
     """Return the major version of a ``redis-server`` binary (``v=7.0.15`` gives 7)."""
     output = subprocess.run(
         [binary, "--version"], capture_output=True, text=True, check=True, timeout=10
@@ -504,7 +504,7 @@ class RedisServer(_RunsOneChild, _StartedInWith):
         argv = [self.binary, "--port", str(port), "--bind", LOOPBACK, "--daemonize", "no"]
         argv += ["--save", "", "--appendonly", "no", "--dir", str(self.data_dir)]
         argv += ["--logfile", str(self.data_dir / "redis.log")]
-        if _redis_major_version(self.binary) >= 7:
+        if redis_major_version(self.binary) >= 7:
             # Redis 7 disables DEBUG (needed by pause()) by default; 6.2 always allows it.
             argv += ["--enable-debug-command", "local"]
         return argv + self._extra_args()
