@@ -14,22 +14,33 @@ commit; a rolled-back enqueue never runs) as a run of one Celery task, ``RUNNER_
 arguments are ``[module path of the task, args, kwargs]`` and whose keyword arguments name the
 backend alias, queue name and priority the task was enqueued with. The ``TaskResult`` id is
 the ledger row's id; ``get_result`` reads the row (``STATUS_BY_STATE`` maps its state).
+
+The ledger's deduplication keys and limits are per task, given with ``task_options`` under
+``@task``::
+
+    @task
+    @task_options(unique_key=lambda args, kwargs: f"report:{args[0]}",
+                  concurrency_limit=2, concurrency_key=lambda args, kwargs: f"db:{args[0]}")
+    def rebuild_report(report_id: int) -> None: ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
-from uuid import UUID
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, TypeVar
+from uuid import UUID, uuid4
 
 from django.db import transaction
 from django.utils.dateparse import parse_datetime
 from django.utils.module_loading import import_string
 
 from reliable_tasks.celery_app import get_celery_app
-from reliable_tasks.models import TaskRecord
-from reliable_tasks.outbox import dispatch
+from reliable_tasks.exceptions import DispatchError, DuplicateTask
+from reliable_tasks.limits import call_limits
+from reliable_tasks.models import UNIQUE_KEY_MAX_LENGTH, TaskRecord
+from reliable_tasks.outbox import dispatch, on_conflict_policy
 from reliable_tasks.runner import RUNNER_NAME
 from reliable_tasks.states import TaskState
 
@@ -60,6 +71,7 @@ else:
 __all__ = [
     "OPTION_NAMES",
     "STATUS_BY_STATE",
+    "TASK_OPTION_NAMES",
     "InvalidTask",
     "ReliableCeleryBackend",
     "TaskContext",
@@ -69,6 +81,7 @@ __all__ = [
     "normalize_json",
     "task_backends",
     "task_finished",
+    "task_options",
     "task_started",
 ]
 
@@ -82,6 +95,7 @@ STATUS_BY_STATE: Mapping[str, TaskResultStatus] = {
     TaskState.QUEUED: TaskResultStatus.READY,  # in the broker
     TaskState.RETRY: TaskResultStatus.READY,  # failed, runs again at next_attempt_at
     TaskState.REPLACED: TaskResultStatus.READY,  # handed over to a replacement that will run
+    TaskState.WAITING: TaskResultStatus.READY,  # deferred by a limit, has not started
     TaskState.STARTED: TaskResultStatus.RUNNING,
     TaskState.SUCCESS: TaskResultStatus.SUCCESSFUL,
     TaskState.FAILURE: TaskResultStatus.FAILED,  # raised, or its attempts are used up
@@ -89,6 +103,73 @@ STATUS_BY_STATE: Mapping[str, TaskResultStatus] = {
     TaskState.REVOKED: TaskResultStatus.FAILED,  # cancelled: unable to start
     TaskState.EXPIRED: TaskResultStatus.FAILED,  # its expiry passed before it ran
 }
+
+
+#: Options of ``task_options``: the ledger's keys and limits, as ``dispatch()`` takes them.
+TASK_OPTION_NAMES = frozenset({"unique_key", "on_conflict", "concurrency_key",
+                               "concurrency_limit", "rate_limit", "rate_key"})
+#: The ``task_options`` that may be functions of the task's ``(args, kwargs)``.
+_KEY_OPTIONS = ("unique_key", "concurrency_key", "rate_key")
+#: The attribute of a task's function that ``task_options`` sets.
+_OPTIONS_ATTRIBUTE = "reliable_tasks_options"
+
+_Function = TypeVar("_Function", bound=Callable[..., Any])
+
+
+def task_options(**options: Any) -> Callable[[_Function], _Function]:
+    """Give a ``django.tasks`` task the ledger's deduplication key and limits; apply it under
+    ``@task``, on the function.
+
+    ``unique_key`` with ``on_conflict`` (``"return_existing"``, the default: ``enqueue``
+    returns the result of the unfinished task that holds the key; ``"raise"``:
+    ``DuplicateTask``), ``concurrency_limit`` with ``concurrency_key``, ``rate_limit``
+    (``"100/m"``) with ``rate_key``, as ``dispatch()`` takes them. A key is a string or a
+    function of the task's ``(args, kwargs)``, as the task receives them, returning a string
+    or None (no key; a limit is then keyed by the task's module path, as it is without a key).
+
+    Raises ``InvalidTask`` for an unknown option, a value the ledger cannot enforce, or when
+    applied to a ``Task`` (above ``@task``). Backends other than ``ReliableCeleryBackend``
+    ignore the options.
+    """
+    _check_task_options(options)
+    frozen = MappingProxyType(dict(options))
+
+    def decorate(func: _Function) -> _Function:
+        if isinstance(func, Task) or not callable(func):
+            raise InvalidTask(
+                f"task_options() decorates a task's function and goes under @task (@task "
+                f"first, then @task_options(...)), not on {func!r}")
+        setattr(func, _OPTIONS_ATTRIBUTE, frozen)
+        return func
+
+    return decorate
+
+
+def _check_task_options(options: Mapping[str, Any]) -> None:
+    """Refuse what ``dispatch()`` would refuse at every enqueue, now (key functions excepted:
+    their keys are checked at enqueue)."""
+    unknown = sorted(set(options) - TASK_OPTION_NAMES)
+    if unknown:
+        raise InvalidTask(
+            f"task_options() got unknown option(s) {', '.join(unknown)}: it takes "
+            f"{', '.join(sorted(TASK_OPTION_NAMES))}")
+    for name in _KEY_OPTIONS:
+        value = options.get(name)
+        if name in options and not callable(value) and not (
+                isinstance(value, str) and 0 < len(value) <= UNIQUE_KEY_MAX_LENGTH):
+            raise InvalidTask(
+                f"task_options(): {name} must be a string of 1 to {UNIQUE_KEY_MAX_LENGTH} "
+                f"characters or a function of (args, kwargs), not {value!r}")
+    if "on_conflict" in options and "unique_key" not in options:
+        raise InvalidTask("task_options(): on_conflict needs a unique_key")
+    # dispatch()'s own checks of on_conflict and the limits, with a stand-in for key functions.
+    limits = {name: "key" if callable(value) else value for name, value in options.items()
+              if name not in ("unique_key", "on_conflict")}
+    try:
+        on_conflict_policy(None, options)
+        call_limits(None, "task_options()", (), {}, limits)
+    except DispatchError as exc:
+        raise InvalidTask(f"task_options(): {exc}") from exc
 
 
 def celery_priority(priority: int) -> int:
@@ -137,8 +218,13 @@ class ReliableCeleryBackend(BaseTaskBackend):
         """Record the call in the current transaction; it is published after commit.
 
         Raises ``InvalidTask`` for a task the backend refuses or a worker could not find by its
-        module path, and ``TypeError``/``ValueError`` for arguments that are not JSON; nothing
+        module path, ``TypeError``/``ValueError`` for arguments that are not JSON, and
+        ``DispatchError`` for a key or limit of ``task_options`` the ledger cannot hold; nothing
         is recorded then. ``task_enqueued`` is sent when the transaction commits.
+
+        While an unfinished task holds the call's ``unique_key``, nothing is recorded or sent:
+        with ``on_conflict="return_existing"`` the holder's result is returned (the holder may
+        be another task with the same key), with ``"raise"`` ``DuplicateTask`` is raised.
         """
         self.validate_task(task)
         _require_importable(task)
@@ -153,14 +239,29 @@ class ReliableCeleryBackend(BaseTaskBackend):
             options["eta"] = task.run_after  # held in the database when far ahead
         if self.options.get("max_attempts") is not None:
             options["max_attempts"] = self.options["max_attempts"]
+        options.update(_call_options(task, stored_args, stored_kwargs))
+        if options.get("unique_key") is not None:
+            options["task_id"] = uuid4()  # tells this call's new row from the key's holder
         record = dispatch(
             RUNNER_NAME, [task.module_path, stored_args, stored_kwargs],
             {"backend": self.alias, "queue_name": task.queue_name, "priority": task.priority},
             **options)
+        if "task_id" in options and record.pk != options["task_id"]:
+            return self._holder_result(record, task)
         result = self.result_from_record(record, task)
         transaction.on_commit(
             lambda: task_enqueued.send(type(self), task_result=result))
         return result
+
+    def _holder_result(self, holder: TaskRecord, task: Task[Any, Any]) -> TaskResult[Any, Any]:
+        """The result of ``holder``, the unfinished row holding the key of a call of ``task``
+        (``on_conflict="return_existing"``); ``DuplicateTask`` if it is not a framework task."""
+        if holder.task_name != RUNNER_NAME:
+            raise DuplicateTask(
+                f"{holder.task_name}[{holder.pk}] ({holder.state}) holds the unique key "
+                f"{holder.unique_key!r} and is not a django.tasks task, so there is no "
+                f"TaskResult to return: {task.module_path} was not enqueued", holder)
+        return self.result_from_record(holder)
 
     def get_result(self, result_id: str) -> TaskResult[Any, Any]:
         """The task result of ledger row ``result_id``; ``TaskResultDoesNotExist`` if there is
@@ -214,6 +315,35 @@ def _require_importable(task: Task[Any, Any]) -> None:
             f"Task {task.name} is not found at its module path {task.module_path!r}, where a "
             f"worker looks for it: decorate a module-level function with @task and keep the "
             f"decorated name (not a copy or a rename of the Task).")
+
+
+def _call_options(task: Task[Any, Any], args: Sequence[Any],
+                  kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``task_options`` of one call of ``task``: key functions called with its ``args``
+    and ``kwargs``, and a limit without a key keyed by the task's module path (``dispatch()``
+    would key it by the runner's name, which every framework task shares)."""
+    declared: Mapping[str, Any] = getattr(task.func, _OPTIONS_ATTRIBUTE, None) or {}
+    options = {name: _key(task, name, value, args, kwargs) if name in _KEY_OPTIONS else value
+               for name, value in declared.items()}
+    if "concurrency_limit" in options and options.get("concurrency_key") is None:
+        options["concurrency_key"] = task.module_path
+    if "rate_limit" in options and options.get("rate_key") is None:
+        options["rate_key"] = task.module_path
+    return options
+
+
+def _key(task: Task[Any, Any], name: str, value: Any, args: Sequence[Any],
+         kwargs: Mapping[str, Any]) -> Any:
+    """The key option ``name`` of a call: ``value``, or what the function ``value`` returns
+    for the call's arguments (``dispatch()`` checks its length)."""
+    if not callable(value):
+        return value
+    key = value(tuple(args), dict(kwargs))
+    if key is not None and not (isinstance(key, str) and key):
+        raise DispatchError(
+            f"task_options {name}(args, kwargs) of task {task.module_path} must return a "
+            f"non-empty string or None, not {key!r}")
+    return key
 
 
 def _normalized(value: Any, what: str, task: Task[Any, Any]) -> Any:

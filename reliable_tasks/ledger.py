@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import traceback as traceback_module
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -164,7 +164,7 @@ def _claim_contended(task_id: str, task_name: str, worker: str, started_at: date
     return Claim(won=False, reason=why)
 
 
-def _claim_limited(row: dict[str, Any], worker: str, started_at: datetime,
+def _claim_limited(row: Mapping[str, Any], worker: str, started_at: datetime,
                    enforce_limits: bool) -> Claim:
     decision = limits.claim(row, worker=worker, started_at=started_at,
                             lease_seconds=app_settings.LEASE_TIMEOUT, enforce=enforce_limits)

@@ -381,10 +381,11 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
 
 def waiting_concurrency_keys(limit: int) -> list[str]:
     """Concurrency keys with WAITING rows (at most ``limit``), for the sweeper's wake-up."""
-    return list(TaskRecord.objects.filter(
+    keys = TaskRecord.objects.filter(
         state=TaskState.WAITING, waiting_for=WaitReason.CONCURRENCY,
         concurrency_key__isnull=False).order_by().values_list(
-        "concurrency_key", flat=True).distinct()[:limit])
+        "concurrency_key", flat=True).distinct()[:limit]
+    return [key for key in keys if key is not None]
 
 
 def wake_due_rate_waiters(now: datetime, limit: int) -> int:

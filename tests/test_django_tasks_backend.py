@@ -21,6 +21,7 @@ from example_project.demo import django_tasks as demo
 from example_project.demo.models import Execution
 from example_project.demo.tasks import add as celery_add
 from example_project.devservers import RedisServer
+from reliable_tasks import ledger, limits
 from reliable_tasks.backend import (
     STATUS_BY_STATE,
     InvalidTask,
@@ -28,8 +29,10 @@ from reliable_tasks.backend import (
     TaskResultDoesNotExist,
     celery_priority,
     celery_queue,
+    task_options,
 )
-from reliable_tasks.models import TaskRecord
+from reliable_tasks.exceptions import DispatchError, DuplicateTask
+from reliable_tasks.models import TaskRecord, WaitReason
 from reliable_tasks.outbox import dispatch
 from reliable_tasks.runner import RUNNER_NAME
 from reliable_tasks.states import TaskState
@@ -58,6 +61,12 @@ def run_as_a_script() -> None:
 
 
 run_as_a_script.__module__ = "__main__"
+
+
+@task
+@task_options(unique_key=lambda args, kwargs: args[0])
+def keyed_by_its_argument(key: object) -> None:
+    """Keyed by its argument, whatever it is (never run: no worker imports the tests)."""
 
 
 def finished(result_id: str) -> bool:
@@ -107,8 +116,8 @@ def test_every_ledger_state_has_a_status(state):
                 TaskState.SUCCESS: TaskResultStatus.SUCCESSFUL}.get(state)
     if expected is None:
         expected = (TaskResultStatus.READY if state in (
-            TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.REPLACED)
-            else TaskResultStatus.FAILED)
+            TaskState.PENDING, TaskState.QUEUED, TaskState.RETRY, TaskState.REPLACED,
+            TaskState.WAITING) else TaskResultStatus.FAILED)
     assert status == expected
 
 
@@ -378,3 +387,139 @@ def test_reliable_tasks_testing_runs_framework_tasks_in_process(redis_server):
     assert [(run.record.pk, run.state) for run in runs] == [
         (uuid.UUID(result.id), TaskState.SUCCESS)]
     assert demo.add.get_result(result.id).return_value == 5
+
+
+# --- keys and limits: task_options ------------------------------------------------------------
+
+
+def test_a_second_enqueue_while_the_key_is_held_returns_the_first_s_result(redis_server):
+    with transaction.atomic():
+        first = demo.rebuild_report.enqueue(7)
+        again = demo.rebuild_report.enqueue(7)
+        other = demo.rebuild_report.enqueue(8)
+    later = demo.rebuild_report.enqueue(7)  # after the commit too
+
+    assert again.id == first.id == later.id != other.id
+    assert (again.args, again.status, again.task.func) == (
+        [7], TaskResultStatus.READY, demo.rebuild_report.func)
+    assert TaskRecord.objects.get(pk=first.id).unique_key == "report:7", "the user's args"
+    assert TaskRecord.objects.count() == 2
+    assert tokens(first.id) == ["signal:enqueued:READY"], "nothing else was enqueued"
+
+
+def test_a_finished_holder_frees_the_key(redis_server):
+    first = demo.rebuild_report.enqueue(7)
+    TaskRecord.objects.filter(pk=first.id).update(state=TaskState.SUCCESS)
+
+    assert demo.rebuild_report.enqueue(7).id != first.id
+
+
+def test_a_key_held_with_on_conflict_raise_raises_duplicate_task(redis_server):
+    with transaction.atomic():
+        first = demo.send_invoice.enqueue(number=3)
+        with pytest.raises(DuplicateTask, match="'invoice:3'") as raised:
+            demo.send_invoice.enqueue(number=3)
+        other = demo.send_invoice.enqueue(number=4)  # the transaction goes on
+
+    assert str(raised.value.existing.pk) == first.id
+    assert sorted(TaskRecord.objects.values_list("unique_key", flat=True)) == [
+        "invoice:3", "invoice:4"]
+    assert tokens(other.id) == ["signal:enqueued:READY"]
+
+
+def test_a_key_held_by_a_celery_task_has_no_task_result_to_return(redis_server):
+    holder = dispatch(celery_add, (1, 2), unique_key="report:9")
+
+    with pytest.raises(DuplicateTask, match="not a django.tasks task") as raised:
+        demo.rebuild_report.enqueue(9)
+
+    assert raised.value.existing.pk == holder.pk
+    assert TaskRecord.objects.count() == 1
+
+
+@pytest.mark.parametrize(("key", "error"), [
+    (5, "keyed_by_its_argument must return a non-empty string or None, not 5"),
+    ("", "must return a non-empty string or None, not ''"),
+    ("k" * 256, "256 characters long"),
+])
+def test_a_key_function_returning_what_the_ledger_cannot_hold_is_refused_at_enqueue(
+        redis_server, key, error):
+    with pytest.raises(DispatchError, match=error):
+        keyed_by_its_argument.enqueue(key)
+    assert TaskRecord.objects.count() == 0
+
+
+def test_a_key_function_returning_none_means_no_key(redis_server):
+    result = keyed_by_its_argument.enqueue(None)
+
+    assert TaskRecord.objects.get(pk=result.id).unique_key is None
+    assert keyed_by_its_argument.enqueue(None).id != result.id
+
+
+@pytest.mark.parametrize(("options", "error"), [
+    ({"uniqe_key": "k"}, r"unknown option\(s\) uniqe_key: it takes concurrency_key, "),
+    ({"max_attempts": 3}, "unknown option"),  # a backend OPTION, not a task option
+    ({"unique_key": 5}, "unique_key must be a string of 1 to 255 characters or a function"),
+    ({"unique_key": ""}, "unique_key must be a string"),
+    ({"rate_key": "k" * 256, "rate_limit": "1/s"}, "rate_key must be a string"),
+    ({"on_conflict": "raise"}, "on_conflict needs a unique_key"),
+    ({"unique_key": "k", "on_conflict": "ignore"}, "on_conflict must be 'return_existing'"),
+    ({"concurrency_limit": 0}, "concurrency_limit must be a positive integer"),
+    ({"concurrency_limit": True}, "concurrency_limit must be a positive integer"),
+    ({"concurrency_key": lambda args, kwargs: "k"}, "needs a concurrency_limit"),
+    ({"rate_limit": "10/y"}, "rate_limit must be a count per period"),
+    ({"rate_key": "api"}, "needs a rate_limit"),
+])
+def test_task_options_the_ledger_cannot_hold_are_refused_when_declared(options, error):
+    with pytest.raises(InvalidTask, match=error):
+        task_options(**options)
+
+
+def test_task_options_goes_under_task_on_the_function():
+    with pytest.raises(InvalidTask, match="goes under @task"):
+        task_options(unique_key="k")(task(plain_function))
+
+
+def test_a_call_s_limits_are_keyed_by_its_arguments_or_else_by_the_task_s_path(redis_server):
+    export = TaskRecord.objects.get(pk=demo.export.enqueue(42).id)
+    api = TaskRecord.objects.get(pk=demo.call_api.enqueue().id)
+
+    assert (export.concurrency_key, export.concurrency_limit) == ("export:42", 1)
+    assert (api.rate_key, api.rate_limit) == (demo.call_api.module_path, "2/s")
+    assert (export.unique_key, api.concurrency_key, export.rate_key) == (None, None, None)
+
+
+def test_a_concurrency_limited_task_is_deferred_by_the_claim_and_ready_while_waiting(
+        redis_server):
+    first, second, other = (demo.export.enqueue(1), demo.export.enqueue(1),
+                            demo.export.enqueue(2))
+
+    def claim(result_id: str, worker: str) -> ledger.Claim:
+        # As the runner claims: DjangoTaskRunner has no limits of its own (limited=False), so
+        # the row's limits decide.
+        return ledger.claim(result_id, task_name=RUNNER_NAME, worker=worker,
+                            rerun_after_lost=False, limited=False)
+
+    claims = [claim(first.id, "w1"), claim(second.id, "w2"), claim(other.id, "w3")]
+
+    assert [claimed.won for claimed in claims] == [True, False, True]
+    assert claims[1].waiting_for == WaitReason.CONCURRENCY
+    assert state_of(second.id) == TaskState.WAITING
+    assert [demo.export.get_result(result.id).status for result in (first, second, other)] == [
+        TaskResultStatus.RUNNING, TaskResultStatus.READY, TaskResultStatus.RUNNING]
+    assert ledger.record_success(first.id, claims[0], 1)
+    assert [str(row.pk) for row in limits.wake("export:1")] == [second.id]
+    assert claim(second.id, "w2").won
+
+
+def test_a_concurrency_limited_task_runs_one_at_a_time_on_a_real_worker(worker):
+    results = [demo.export.enqueue(5, 0.5), demo.export.enqueue(5, 0.5)]
+
+    wait_for(lambda: all(finished(result.id) for result in results), what="both exports")
+    done = sorted((demo.export.get_result(result.id) for result in results),
+                  key=lambda result: result.started_at)
+    assert [result.status for result in done] == [TaskResultStatus.SUCCESSFUL] * 2
+    assert done[0].finished_at <= done[1].started_at
+    deferrals = TaskRecord.objects.filter(pk__in=[result.id for result in results]).values_list(
+        "deferrals", flat=True)
+    assert sorted(deferrals) == [0, 1], "the claim deferred the second (two pool processes)"

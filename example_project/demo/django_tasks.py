@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from example_project.demo.models import Execution
+from reliable_tasks.backend import task_options
 
 try:
     from django.tasks import TaskContext, TaskResult, task
@@ -82,6 +84,35 @@ async def async_add(x: int, y: int) -> int:
 def send_email(to: str) -> str:
     """A task on another queue, with a priority."""
     return f"sent to {to}"
+
+
+@task
+@task_options(unique_key=lambda args, kwargs: f"report:{args[0]}")
+def rebuild_report(report_id: int) -> int:
+    """One rebuild of a report at a time: enqueueing it again while it has not finished
+    returns the unfinished one's result (``on_conflict="return_existing"``)."""
+    return report_id
+
+
+@task
+@task_options(unique_key=lambda args, kwargs: f"invoice:{kwargs['number']}", on_conflict="raise")
+def send_invoice(*, number: int) -> str:
+    """An invoice is sent once at a time: enqueueing it again raises ``DuplicateTask``."""
+    return f"invoice {number}"
+
+
+@task
+@task_options(concurrency_limit=1, concurrency_key=lambda args, kwargs: f"export:{args[0]}")
+def export(customer: int, seconds: float = 0.0) -> int:
+    """One export of a customer at a time, across all workers."""
+    time.sleep(seconds)
+    return customer
+
+
+@task
+@task_options(rate_limit="2/s")
+def call_api() -> None:
+    """At most two starts a second, keyed by the task's module path."""
 
 
 def _log_signal(name: str) -> Any:
