@@ -1,6 +1,6 @@
 """What an operator needs first: is beat running and recording its runs, is RedBeat in line with
 the database, can Redis drop keys (or, behind Sentinel, published tasks), are workers alive, is
-anything stuck.
+anything stuck, how busy are the limit keys.
 
 ``report()`` gathers it into a ``HealthReport``. Each probe that fails (Redis down, a database
 error) becomes a ``Problem`` of the report, never an exception, so the admin page renders when
@@ -21,14 +21,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.db.models import Count, Q
+from django.db.models import Count, F, Q
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from reliable_tasks import redbeat_store
 from reliable_tasks.celery_app import get_celery_app
 from reliable_tasks.conf import app_settings
-from reliable_tasks.models import PeriodicSchedule, TaskRecord, WorkerHeartbeat
+from reliable_tasks.metrics import LimitLoad, concurrency_key_rows, limit_load
+from reliable_tasks.models import PeriodicSchedule, TaskRecord, WaitReason, WorkerHeartbeat
 from reliable_tasks.publisher import producer_for, shortest_safe_down_after
 from reliable_tasks.reconcile import reconcile_schedules
 from reliable_tasks.sentinel import down_after_seconds, sanitize_url
@@ -50,6 +51,8 @@ RECENTLY_LOST = timedelta(hours=24)
 #: a run this late while a beat holds the lock means that beat is alive but cannot record it.
 #: It does not depend on ``MISSED_RUN_GRACE``, which decides what beat does with a late run.
 OVERDUE_AFTER = 60.0
+#: Concurrency keys and rate keys listed (each kind, those with the most waiting tasks first).
+KEYS_SHOWN = 20
 #: Broker URL schemes served by kombu's Redis transports.
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "sentinel", "redis+socket"})
 _URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE)
@@ -138,6 +141,25 @@ class Worker:
     alive: bool
 
 
+@dataclass(frozen=True)
+class StuckWait:
+    """A concurrency key whose tasks wait for a slot it has free, longer than the sweeper
+    takes to wake them (``stuck_wait_after()``)."""
+
+    key: str
+    limit: int
+    running: int
+    woken: int
+    waiting: int
+    #: The last publish (else the creation) of its longest-waiting task.
+    waiting_since: datetime
+
+    @property
+    def free(self) -> int:
+        """Slots neither running nor promised to a woken task."""
+        return self.limit - self.running - self.woken
+
+
 @dataclass
 class HealthReport:
     """Everything ``report()`` found; ``problems`` says what needs attention, errors first."""
@@ -158,6 +180,10 @@ class HealthReport:
     #: Since when the oldest task due for publishing has waited (None: nothing waits).
     oldest_pending_since: datetime | None = None
     state_counts: dict[str, int] = field(default_factory=dict)
+    #: The busiest concurrency and rate keys (at most ``KEYS_SHOWN`` of each), the others summed.
+    limits: LimitLoad | None = None
+    #: Concurrency keys whose tasks wait for a free slot longer than the sweeper should take.
+    stuck_waits: list[StuckWait] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -248,6 +274,7 @@ def report(now: datetime | None = None) -> HealthReport:
     _probe(result, "workers", "Reading the worker heartbeats", lambda: _check_workers(result))
     _probe(result, "tasks", "Finding the oldest pending task", lambda: _check_pending(result))
     _probe(result, "tasks", "Counting tasks per state", lambda: _count_states(result))
+    _probe(result, "limits", "Reading the load of the limit keys", lambda: _check_limits(result))
     result.problems.sort(key=lambda problem: problem.severity != ERROR)
     result.seconds = time.monotonic() - started
     return result
@@ -297,7 +324,7 @@ def _check_beat(health: HealthReport, app: Any) -> None:
         if health.overdue.count:
             health.add(WARNING, "beat",
                        f"Beat holds RedBeat's lock but {health.overdue.describe()}.")
-    stale_after = 3 * app_settings.SWEEP_INTERVAL + 30
+    stale_after = sweeper_late_after()
     if health.last_beat_at is None:
         if pttl != -2:
             health.add(WARNING, "beat", (
@@ -470,6 +497,52 @@ def _count_states(health: HealthReport) -> None:
     for row in TaskRecord.objects.order_by().values("state").annotate(count=Count("pk")):
         counts[row["state"]] = row["count"]
     health.state_counts = counts
+
+
+def sweeper_late_after() -> float:
+    """Seconds after which work the sweeper does on every pass is late: three passes
+    (``3 x SWEEP_INTERVAL``) and 30 s for beat, which runs the sweeper, to be late itself."""
+    return 3 * app_settings.SWEEP_INTERVAL + 30
+
+
+def stuck_wait_after() -> float:
+    """Seconds a task may wait for a slot its concurrency key has free: a finishing run wakes
+    its key's waiters at once, and the sweeper wakes on each pass those none woke (a slot
+    freed by an expired lease, a revoke, a worker killed before its wake-up). Past
+    ``sweeper_late_after()`` (60 s by default), the sweeper missed three passes."""
+    return sweeper_late_after()
+
+
+def _check_limits(health: HealthReport) -> None:
+    """The busiest limit keys, and the concurrency keys whose tasks wait for a free slot
+    longer than ``stuck_wait_after()``: one grouped aggregate (its HAVING finds the keys
+    that may have a free slot, at most ``NAMES_SHOWN``), then each one's oldest waiter, whose
+    limit the wake-up respects."""
+    health.limits = limit_load(KEYS_SHOWN)
+    bound = stuck_wait_after()
+    cutoff = health.generated_at - timedelta(seconds=bound)
+    candidates = (concurrency_key_rows()
+                  .filter(waiting__gt=0, waiting_since__lt=cutoff,
+                          limit_max__gt=F("running") + F("woken"))
+                  .order_by("waiting_since", "key")[:NAMES_SHOWN])
+    for row in candidates:
+        head = (TaskRecord.objects.filter(
+            concurrency_key=row["key"], state=TaskState.WAITING,
+            waiting_for=WaitReason.CONCURRENCY).order_by("created_at", "id")
+            .values_list("concurrency_limit", flat=True).first())
+        stuck = StuckWait(key=row["key"], limit=head or 1, running=row["running"],
+                          woken=row["woken"], waiting=row["waiting"],
+                          waiting_since=row["waiting_since"])
+        if stuck.free <= 0:
+            continue
+        health.stuck_waits.append(stuck)
+        waited = (health.generated_at - stuck.waiting_since).total_seconds()
+        health.add(WARNING, "limits", (
+            f"Tasks of concurrency key {stuck.key!r} wait for a slot although {stuck.free} of "
+            f"its {stuck.limit} are free ({stuck.running} running, {stuck.woken} woken): "
+            f"{stuck.waiting} wait, the longest for {waited:.0f} s, more than the {bound:g} s "
+            f"in which the sweeper (every {app_settings.SWEEP_INTERVAL:g} s) wakes them. Is "
+            "beat running the sweeper, and do its passes finish?"))
 
 
 # --- activity per hour ---------------------------------------------------------------------------

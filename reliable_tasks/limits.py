@@ -20,6 +20,7 @@ database, then decides:
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,11 +84,12 @@ def parse_rate(value: str) -> Rate:
 # -- the options of a call -----------------------------------------------------------------
 
 
-def _default(task_type: Any, attribute: str) -> Any:
-    """The task's attribute as set on its class (a function stays a plain function)."""
-    from reliable_tasks.outbox import _task_default
-
-    return _task_default(task_type, attribute)
+def task_default(task_type: Any, attribute: str) -> Any:
+    """A ``ReliableTask`` attribute as set on the class, never bound to the task: a function
+    given as a task option (``@shared_task(unique_key=lambda args, kwargs: ...)``) becomes a
+    class attribute, which plain attribute access would turn into a method."""
+    value = inspect.getattr_static(task_type, attribute, None)
+    return value.__func__ if isinstance(value, staticmethod) else value
 
 
 def _key(value: Any, source: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
@@ -112,7 +114,7 @@ def call_limits(task_type: Any, name: str, args: Sequence[Any], kwargs: Mapping[
     def pick(option: str, attribute: str) -> tuple[Any, str]:
         if option in options:
             return options[option], option
-        return _default(task_type, attribute), f"{name}.{attribute}"
+        return task_default(task_type, attribute), f"{name}.{attribute}"
 
     limit, limit_source = pick("concurrency_limit", "concurrency_limit")
     key, key_source = pick("concurrency_key", "concurrency_key")
@@ -323,7 +325,9 @@ def _rate_refusal(row: Mapping[str, Any], bucket: Mapping[str, Any],
 def _defer_for_rate(alias: str, row: Mapping[str, Any], rate: Rate,
                     bucket: Mapping[str, Any], now: datetime, allowed_at: datetime) -> Decision:
     """WAITING for the rate: a new waiter is promised the next free start (the bucket's
-    ``reserved_until`` moves one interval on); a promised one waits for the bucket."""
+    ``reserved_until`` moves one interval on); a promised one waits for the bucket. The row's
+    ``eta`` is that start, ``next_attempt_at`` when the sweeper publishes it if no copy
+    came (the copy sent now has the start as its countdown)."""
     due = allowed_at
     if row["waiting_for"] != WaitReason.RATE:
         due = max(allowed_at, bucket["reserved_until"] or now, now)
@@ -334,7 +338,7 @@ def _defer_for_rate(alias: str, row: Mapping[str, Any], rate: Rate,
     changed = TaskRecord.objects.using(alias).filter(id=row["id"]).transition(
         CLAIMABLE_STATES - {TaskState.STARTED},
         state=TaskState.WAITING, waiting_for=WaitReason.RATE, next_attempt_at=sweeper_due,
-        deferrals=F("deferrals") + 1)
+        eta=due, deferrals=F("deferrals") + 1)
     if not changed:
         return Decision(reason="not claimable")
     return Decision(waiting_for=WaitReason.RATE, due=due if resent else None)

@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from celery import Celery
-from django.db.models import Count, F, Min, Q, Sum
+from django.db.models import Count, F, Max, Min, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from reliable_tasks.celery_app import bounded_broker_connection, get_celery_app
 from reliable_tasks.conf import app_settings
-from reliable_tasks.models import PeriodicSchedule, TaskRecord, WorkerHeartbeat
+from reliable_tasks.models import PeriodicSchedule, TaskRecord, WaitReason, WorkerHeartbeat
 from reliable_tasks.states import TaskState
 
 if TYPE_CHECKING:
@@ -216,11 +216,13 @@ def live_workers(now: datetime | None = None) -> int:
 
 @dataclass
 class TaskCounts:
-    """Per task name and state: rows, retries (runs after the first), duplicate deliveries."""
+    """Per task name and state: rows; per task name: retries (runs after the first),
+    duplicate deliveries, deliveries deferred by a limit."""
 
     rows: dict[tuple[str, str], int] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)
     duplicates: dict[str, int] = field(default_factory=dict)
+    deferrals: dict[str, int] = field(default_factory=dict)
 
 
 def task_counts() -> TaskCounts:
@@ -229,7 +231,8 @@ def task_counts() -> TaskCounts:
     rows = (TaskRecord.objects.order_by().values("task_name", "state")
             .annotate(row_count=Count("pk"), attempt_sum=Sum("attempts"),
                       ran_count=Count("pk", filter=Q(attempts__gte=1)),
-                      duplicate_sum=Sum("duplicate_deliveries")))
+                      duplicate_sum=Sum("duplicate_deliveries"),
+                      deferral_sum=Sum("deferrals")))
     for row in rows:
         name = row["task_name"]
         counts.rows[(name, row["state"])] = row["row_count"]
@@ -238,7 +241,158 @@ def task_counts() -> TaskCounts:
         retries = (row["attempt_sum"] or 0) - row["ran_count"]
         counts.retries[name] = counts.retries.get(name, 0) + retries
         counts.duplicates[name] = counts.duplicates.get(name, 0) + (row["duplicate_sum"] or 0)
+        counts.deferrals[name] = counts.deferrals.get(name, 0) + (row["deferral_sum"] or 0)
     return counts
+
+
+# --- reading the database: the load of the limit keys ------------------------------------------
+
+#: Keys listed one by one (those with the most waiting rows first); the rest are summed.
+TOP_KEYS = 20
+#: The ``key`` label of the keys not exported one by one (a key of that very name joins them,
+#: so that no two samples share their labels).
+OTHER_KEY = "other"
+#: The rows holding or promised a slot of a concurrency key, and those waiting for one: a woken
+#: row (PENDING or QUEUED) keeps its ``waiting_for`` until it starts.
+_CONCURRENCY_ROWS = Q(concurrency_key__isnull=False) & (
+    Q(state=TaskState.STARTED)
+    | Q(state__in=[TaskState.WAITING, TaskState.PENDING, TaskState.QUEUED],
+        waiting_for=WaitReason.CONCURRENCY))
+_RATE_ROWS = Q(rate_key__isnull=False, state=TaskState.WAITING, waiting_for=WaitReason.RATE)
+_WOKEN = Q(state__in=[TaskState.PENDING, TaskState.QUEUED])
+
+
+@dataclass(frozen=True)
+class ConcurrencyKeyLoad:
+    """One concurrency key: its running rows, those woken for a slot (not started yet), and
+    those WAITING for one."""
+
+    key: str
+    running: int
+    woken: int
+    waiting: int
+    #: The largest ``concurrency_limit`` of these rows (the rows of a key normally agree).
+    limit: int | None
+    #: The last publish (else the creation) of its longest-waiting row: its wait began at a
+    #: delivery after it. None when none waits.
+    waiting_since: datetime | None
+
+    @property
+    def free(self) -> int:
+        """Slots neither running nor promised to a woken row (by ``limit``)."""
+        return max((self.limit or 0) - self.running - self.woken, 0)
+
+
+@dataclass(frozen=True)
+class RateKeyLoad:
+    """One rate key: its rows WAITING for the rate."""
+
+    key: str
+    waiting: int
+    #: A ``rate_limit`` of these rows (the largest as text, if they differ).
+    rate: str
+    #: When the first of them is sent again (``next_attempt_at``).
+    next_at: datetime | None
+
+
+@dataclass(frozen=True)
+class OtherKeys:
+    """The keys not listed one by one, their rows summed."""
+
+    keys: int = 0
+    running: int = 0
+    woken: int = 0
+    waiting: int = 0
+
+
+@dataclass
+class LimitLoad:
+    """The busiest concurrency and rate keys (``limit_load``), and the others summed."""
+
+    concurrency: list[ConcurrencyKeyLoad] = field(default_factory=list)
+    rate: list[RateKeyLoad] = field(default_factory=list)
+    other_concurrency: OtherKeys = field(default_factory=OtherKeys)
+    other_rate: OtherKeys = field(default_factory=OtherKeys)
+
+
+def concurrency_key_rows() -> QuerySet[Any, Any]:
+    """Per concurrency key with running, woken or waiting rows: ``key``, ``running``,
+    ``woken``, ``waiting``, ``limit_max``, ``waiting_since`` (one grouped aggregate over
+    unfinished limited rows; finished rows are never read). The most waiting first."""
+    waiting = Q(state=TaskState.WAITING)
+    return (TaskRecord.objects.filter(_CONCURRENCY_ROWS).order_by()
+            .values(key=F("concurrency_key"))
+            .annotate(running=Count("pk", filter=Q(state=TaskState.STARTED)),
+                      woken=Count("pk", filter=_WOKEN), waiting=Count("pk", filter=waiting),
+                      limit_max=Max("concurrency_limit"),
+                      waiting_since=Min(Coalesce("published_at", "created_at"), filter=waiting))
+            .order_by("-waiting", "-running", "key"))
+
+
+def _rate_key_rows() -> QuerySet[Any, Any]:
+    return (TaskRecord.objects.filter(_RATE_ROWS).order_by().values(key=F("rate_key"))
+            .annotate(waiting=Count("pk"), rate=Max("rate_limit"),
+                      next_at=Min("next_attempt_at"))
+            .order_by("-waiting", "key"))
+
+
+def _top(rows: QuerySet[Any, Any], top: int,
+         exclude: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The first ``top`` rows but ``exclude``'s, and whether some were left out."""
+    fetched = list(rows[: top + 1])
+    listed = [row for row in fetched if row["key"] != exclude][:top]
+    return listed, len(listed) < len(fetched)
+
+
+def _totals() -> dict[str, int]:
+    """All keys' rows summed: one aggregate over the rows ``limit_load`` groups."""
+    concurrency, rate = _CONCURRENCY_ROWS, _RATE_ROWS
+    totals = TaskRecord.objects.filter(concurrency | rate).order_by().aggregate(
+        concurrency_keys=Count("concurrency_key", distinct=True, filter=concurrency),
+        running=Count("pk", filter=concurrency & Q(state=TaskState.STARTED)),
+        woken=Count("pk", filter=concurrency & _WOKEN),
+        waiting=Count("pk", filter=concurrency & Q(state=TaskState.WAITING)),
+        rate_keys=Count("rate_key", distinct=True, filter=rate),
+        rate_waiting=Count("pk", filter=rate))
+    return {name: int(value or 0) for name, value in totals.items()}
+
+
+def limit_load(top: int = TOP_KEYS, exclude: str | None = None) -> LimitLoad:
+    """The ``top`` concurrency keys and the ``top`` rate keys with the most waiting rows, and
+    the other keys (``exclude`` among them) summed.
+
+    Two grouped aggregates over the unfinished limited rows, and a third to sum the keys left
+    out when some were; the rows returned are bounded by ``top`` whatever the number of keys.
+    """
+    if top < 0:
+        raise ValueError(f"top must be 0 or more, not {top!r}")
+    concurrency, more_concurrency = _top(concurrency_key_rows(), top, exclude)
+    rate, more_rate = _top(_rate_key_rows(), top, exclude)
+    load = LimitLoad(
+        concurrency=[ConcurrencyKeyLoad(
+            key=row["key"], running=row["running"], woken=row["woken"], waiting=row["waiting"],
+            limit=row["limit_max"], waiting_since=row["waiting_since"]) for row in concurrency],
+        rate=[RateKeyLoad(key=row["key"], waiting=row["waiting"], rate=row["rate"],
+                          next_at=row["next_at"]) for row in rate])
+    if not (more_concurrency or more_rate):
+        return load
+    totals = _totals()
+
+    def rest(total: str, listed: Sequence[ConcurrencyKeyLoad | RateKeyLoad],
+             attribute: str) -> int:
+        # Read apart from the grouped rows: a row that changed meanwhile must not go below 0.
+        return max(totals[total] - sum(getattr(item, attribute) for item in listed), 0)
+
+    if more_concurrency:
+        listed = load.concurrency
+        load.other_concurrency = OtherKeys(
+            keys=max(totals["concurrency_keys"] - len(listed), 0),
+            running=rest("running", listed, "running"), woken=rest("woken", listed, "woken"),
+            waiting=rest("waiting", listed, "waiting"))
+    if more_rate:
+        load.other_rate = OtherKeys(keys=max(totals["rate_keys"] - len(load.rate), 0),
+                                    waiting=rest("rate_waiting", load.rate, "waiting"))
+    return load
 
 
 # --- the collector -----------------------------------------------------------------------------
@@ -249,13 +403,19 @@ class LedgerCollector:
 
     Register it in any ``CollectorRegistry`` (``registry()`` builds one with it alone); a scrape
     runs a handful of queries: one grouped aggregate over the ledger, the oldest pending row
-    (PENDING rows only), counts of schedules and workers, and one Redis round trip.
+    (PENDING rows only), counts of schedules and workers, the load of the limit keys (two or
+    three aggregates over unfinished limited rows), and one Redis round trip. The limit keys
+    are labels: ``top_keys`` of each kind, the busiest, and the rest summed under
+    ``key="other"``, so that their number stays bounded whatever keys tasks use.
     """
 
     def __init__(self, now: Callable[[], datetime] = timezone.now,
-                 observations: bool = True) -> None:
+                 observations: bool = True, top_keys: int = TOP_KEYS) -> None:
+        if isinstance(top_keys, bool) or not isinstance(top_keys, int) or top_keys < 0:
+            raise ValueError(f"top_keys must be an integer of 0 or more, not {top_keys!r}")
         self._now = now
         self._observations = observations
+        self._top_keys = top_keys
 
     def describe(self) -> list[Metric]:
         """Nothing: registering must not query the database."""
@@ -265,6 +425,7 @@ class LedgerCollector:
         """Read everything and yield the metric families."""
         now = self._now()
         yield from self._tasks()
+        yield from self._limits()
         yield from self._health(now)
         if self._observations:
             yield from self._durations(read_observations())
@@ -291,11 +452,47 @@ class LedgerCollector:
             "reliable_tasks_duplicate_deliveries",
             "Deliveries suppressed by the claim (the task had finished or was running), "
             "summed over the rows kept in the ledger, by task name.", labels=["task"])
+        deferrals = GaugeMetricFamily(
+            "reliable_tasks_limit_deferrals",
+            "Deliveries deferred by a concurrency or rate limit, summed over the rows kept in "
+            "the ledger, by task name (it only grows, until retention prunes rows).",
+            labels=["task"])
         for name in sorted(counts.retries):
             retries.add_metric([name], counts.retries[name])
             duplicates.add_metric([name], counts.duplicates[name])
+            deferrals.add_metric([name], counts.deferrals[name])
         yield retries
         yield duplicates
+        yield deferrals
+
+    def _limits(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        load = limit_load(self._top_keys, exclude=OTHER_KEY)
+        running = GaugeMetricFamily(
+            "reliable_tasks_limit_running",
+            f"Tasks running (STARTED) per concurrency key: the {self._top_keys} keys with the "
+            f"most waiting tasks, the others summed under key=\"{OTHER_KEY}\".",
+            labels=["key"])
+        waiting = GaugeMetricFamily(
+            "reliable_tasks_limit_waiting",
+            f"Tasks WAITING, per concurrency key (reason=\"concurrency\": for a slot) or rate "
+            f"key (reason=\"rate\": for their start): the {self._top_keys} keys of each with "
+            f"the most, the others summed under key=\"{OTHER_KEY}\".",
+            labels=["key", "reason"])
+        for item in load.concurrency:
+            running.add_metric([item.key], item.running)
+            waiting.add_metric([item.key, WaitReason.CONCURRENCY], item.waiting)
+        if load.other_concurrency.keys:
+            running.add_metric([OTHER_KEY], load.other_concurrency.running)
+            waiting.add_metric([OTHER_KEY, WaitReason.CONCURRENCY],
+                               load.other_concurrency.waiting)
+        for rated in load.rate:
+            waiting.add_metric([rated.key, WaitReason.RATE], rated.waiting)
+        if load.other_rate.keys:
+            waiting.add_metric([OTHER_KEY, WaitReason.RATE], load.other_rate.waiting)
+        yield running
+        yield waiting
 
     def _health(self, now: datetime) -> Iterator[Metric]:
         from prometheus_client.core import GaugeMetricFamily

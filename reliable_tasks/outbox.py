@@ -8,7 +8,6 @@ nothing. A failed publish leaves the rows PENDING for the sweeper and never rais
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,7 +36,7 @@ from reliable_tasks.exceptions import (
     UnknownTaskError,
 )
 from reliable_tasks.ledger import key_holder, take_over
-from reliable_tasks.limits import LIMITED_HEADER, call_limits
+from reliable_tasks.limits import LIMITED_HEADER, call_limits, task_default
 from reliable_tasks.models import UNIQUE_KEY_MAX_LENGTH, TaskRecord
 from reliable_tasks.payload import from_stored, to_stored, to_stored_sized
 from reliable_tasks.publisher import Publishable, send_records
@@ -177,14 +176,6 @@ def build_record(
     return record
 
 
-def _task_default(task_type: Any, attribute: str) -> Any:
-    """A ``ReliableTask`` attribute as set on the class, never bound to the task: a function
-    given as a task option (``@shared_task(unique_key=lambda args, kwargs: ...)``) becomes a
-    class attribute, which plain attribute access would turn into a method."""
-    value = inspect.getattr_static(task_type, attribute, None)
-    return value.__func__ if isinstance(value, staticmethod) else value
-
-
 def _unique_key(task_type: Any, name: str, args: Sequence[Any], kwargs: Mapping[str, Any],
                 options: Mapping[str, Any]) -> str | None:
     """The call's ``unique_key`` option, else the task's (a function of args and kwargs), or
@@ -192,7 +183,7 @@ def _unique_key(task_type: Any, name: str, args: Sequence[Any], kwargs: Mapping[
     if "unique_key" in options:
         key, source = options["unique_key"], "unique_key"
     else:
-        default = _task_default(task_type, "unique_key")
+        default = task_default(task_type, "unique_key")
         if default is None:
             return None
         if not callable(default):
@@ -217,7 +208,7 @@ def on_conflict_policy(task: Any, options: Mapping[str, Any]) -> str:
     policy = options.get("on_conflict")
     source = "on_conflict"
     if policy is None:
-        policy = _task_default(task, "on_conflict") or RETURN_EXISTING
+        policy = task_default(task, "on_conflict") or RETURN_EXISTING
         source = f"{getattr(task, 'name', task)}.on_conflict"
     if policy not in _ON_CONFLICT:
         raise DispatchError(

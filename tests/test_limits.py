@@ -247,6 +247,7 @@ def test_the_rate_spaces_starts_and_promises_deferred_rows_the_next_free_starts(
     bucket = TaskLimiter.objects.get(key="r:api")
     assert bucket.reserved_until == third.due + timedelta(seconds=0.25)
     assert state(rows[1]) == (TaskState.WAITING, WaitReason.RATE)
+    assert rows[1].eta == second.due  # the start promised to it (the admin shows it)
 
 
 @pytest.mark.django_db

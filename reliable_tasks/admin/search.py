@@ -50,9 +50,10 @@ def ids_compare_as_hex(connection: BaseDatabaseWrapper) -> bool:
 
 
 def task_search_query(term: str, connection: BaseDatabaseWrapper) -> Q:
-    """Rows whose id starts with ``term``, whose task name contains it or whose unique key
-    is ``term``."""
-    query = Q(task_name__icontains=term) | Q(unique_key=term)
+    """Rows whose id starts with ``term``, whose task name contains it, or whose unique,
+    concurrency or rate key is ``term``."""
+    query = (Q(task_name__icontains=term) | Q(unique_key=term) | Q(concurrency_key=term)
+             | Q(rate_key=term))
     digits = id_prefix(term)
     if digits is None:
         return query

@@ -17,10 +17,18 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext_lazy as _
 
 from reliable_tasks.admin import widgets
-from reliable_tasks.admin.filters import QueueListFilter, TaskNameListFilter
+from reliable_tasks.admin.filters import (
+    ConcurrencyKeyListFilter,
+    LimitedByListFilter,
+    QueueListFilter,
+    RateKeyListFilter,
+    TaskNameListFilter,
+    WaitingForListFilter,
+)
 from reliable_tasks.admin.mixins import ReadOnlyAdminMixin, TaskRetryAdminMixin
 from reliable_tasks.admin.pagination import EstimatedCountPaginator
 from reliable_tasks.admin.search import task_search_query
+from reliable_tasks.admin.waiting import describe_wait, short_reason
 from reliable_tasks.models import TaskRecord
 
 #: Columns the changelist never shows: not read for it (a traceback can be 20 kB a row).
@@ -45,13 +53,14 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
                     "run_time", "worker", "last_error")
     list_display_links = ("short_id",)
     ordering = ("-created_at",)
-    list_filter = ("state", TaskNameListFilter, QueueListFilter,
+    list_filter = ("state", WaitingForListFilter, TaskNameListFilter, QueueListFilter,
+                   LimitedByListFilter, ConcurrencyKeyListFilter, RateKeyListFilter,
                    ("created_at", admin.DateFieldListFilter))
     # Sorting by a column without an index would sort the whole table on each page view.
     sortable_by = ("task_name", "state_badge", "created_at")
     search_fields = ("task_name",)
     search_help_text = _("A task id (or its first characters), part of a task name, or a "
-                         "unique key (whole).")
+                         "unique, concurrency or rate key (whole).")
     date_hierarchy = "created_at"
     list_per_page = 50
     show_full_result_count = False
@@ -65,7 +74,9 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
                        "next_attempt_at", "lease_expires_at", "args_json", "kwargs_json",
                        "options_json", "error_type", "error_message", "traceback_text",
                        "history_table", "duplicate_deliveries", "publish_attempts",
-                       "publish_error", "parent_id", "root_id", "group_id")
+                       "publish_error", "parent_id", "root_id", "group_id", "waiting_reason",
+                       "waiting_for", "concurrency_key", "concurrency_limit", "rate_key",
+                       "rate_limit", "deferrals")
     fieldsets = (
         (None, {"fields": ("id", "task_name", "state_badge", "unique_key", "queue", "adopted",
                            ("attempts", "max_attempts"), "worker", "celery_result")}),
@@ -81,6 +92,17 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
                          "fields": ("parent_id", "root_id", "group_id")}),
     )
 
+    def get_fieldsets(self, request: HttpRequest, obj: TaskRecord | None = None) -> Any:
+        """The fieldsets, and after the first one the limits' for a task that has a limit
+        (or was deferred by one)."""
+        fieldsets = list(super().get_fieldsets(request, obj))
+        if obj is not None and (obj.concurrency_key or obj.rate_key or obj.waiting_for
+                                or obj.deferrals):
+            fieldsets.insert(1, (_("Limits"), {"fields": (
+                "waiting_reason", "waiting_for", ("concurrency_key", "concurrency_limit"),
+                ("rate_key", "rate_limit"), "deferrals")}))
+        return fieldsets
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
         """The changelist that skips the large columns."""
         return TaskRecordChangeList
@@ -88,7 +110,7 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
     def get_search_results(self, request: HttpRequest, queryset: QuerySet,
                            search_term: str) -> tuple[QuerySet, bool]:
         """Match the start of the id (served by the primary key), part of the task name, or
-        the whole unique key."""
+        the whole unique, concurrency or rate key."""
         term = search_term.strip()
         if not term:
             return queryset, False
@@ -103,8 +125,13 @@ class TaskRecordAdmin(ReadOnlyAdminMixin, TaskRetryAdminMixin, admin.ModelAdmin)
 
     @admin.display(description=_("state"), ordering="state")
     def state_badge(self, obj: TaskRecord) -> SafeString:
-        """The state as a coloured badge."""
-        return widgets.state_badge(obj.state)
+        """The state as a coloured badge; a waiting task's tooltip says what it waits for."""
+        return widgets.state_badge(obj.state, short_reason(obj))
+
+    @admin.display(description=_("why it waits"))
+    def waiting_reason(self, obj: TaskRecord) -> str:
+        """What a task deferred by a limit waits for: its key's counts, or its next start."""
+        return describe_wait(obj) or self.get_empty_value_display()
 
     @admin.display(description=_("run time"))
     def run_time(self, obj: TaskRecord) -> str:

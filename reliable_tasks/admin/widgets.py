@@ -33,6 +33,7 @@ STATE_COLORS: Mapping[str, str] = {
     TaskState.REVOKED: "#455a64",
     TaskState.EXPIRED: "#8d6e63",
     TaskState.REPLACED: "#00695c",
+    TaskState.WAITING: "#7a5c00",
 }
 _UNKNOWN_COLOR = "#9e9e9e"
 _ALIVE_COLOR = STATE_COLORS[TaskState.SUCCESS]
@@ -54,10 +55,11 @@ def badge(text: str, color: str, *, key: str = "", title: str = "") -> SafeStrin
     return format_html(_BADGE, key or text, title or text, color, text)
 
 
-def state_badge(state: str) -> SafeString:
-    """The badge of a task state, coloured by state (an unknown value is shown grey, as is)."""
+def state_badge(state: str, detail: str = "") -> SafeString:
+    """The badge of a task state, coloured by state (an unknown value is shown grey, as is);
+    ``detail`` (why a task waits, say) is its tooltip, else the state's label."""
     label = TaskState(state).label if state in TaskState.values else state
-    return badge(state, STATE_COLORS.get(state, _UNKNOWN_COLOR), title=label)
+    return badge(state, STATE_COLORS.get(state, _UNKNOWN_COLOR), title=detail or label)
 
 
 def alive_badge(alive: bool) -> SafeString:
@@ -82,6 +84,20 @@ def time_ago(moment: datetime, now: datetime | None = None) -> str:
     """``4.2 s ago``: how long before ``now`` (default: the current time) ``moment`` was."""
     elapsed = (now or timezone.now()) - moment
     return _("%(duration)s ago") % {"duration": format_duration(elapsed)}
+
+
+def moment(value: datetime) -> str:
+    """``value`` to the second, in the current time zone: ``2026-05-10 12:00:03``."""
+    return date_format(timezone.localtime(value) if timezone.is_aware(value) else value,
+                       "Y-m-d H:i:s")
+
+
+def time_from_now(value: datetime, now: datetime | None = None) -> str:
+    """``in 2.500 s`` for a moment ahead, ``4.2 s ago`` for one past."""
+    ahead = value - (now or timezone.now())
+    if ahead.total_seconds() >= 0:
+        return _("in %(duration)s") % {"duration": format_duration(ahead)}
+    return time_ago(value, now)
 
 
 def format_duration(duration: timedelta) -> str:
@@ -119,9 +135,7 @@ def _moment(value: Any) -> str:
     parsed = _parse_moment(value) if isinstance(value, str) else None
     if parsed is None:
         return str(value or "")
-    if timezone.is_aware(parsed):
-        parsed = timezone.localtime(parsed)
-    return date_format(parsed, "Y-m-d H:i:s")
+    return moment(parsed)
 
 
 def _entry_run_time(entry: Mapping[str, Any]) -> str:
