@@ -297,7 +297,7 @@ def claim(row: Mapping[str, Any], *, worker: str, started_at: datetime, lease_se
         if limit is None or row["state"] not in CLAIMABLE_STATES:
             return Decision(reason="not claimable")
         changed = TaskRecord.objects.using(alias).filter(id=row["id"]).transition(
-            CLAIMABLE_STATES - {TaskState.STARTED},
+            CLAIMABLE_STATES,
             state=TaskState.WAITING, waiting_for=WaitReason.CONCURRENCY, next_attempt_at=None,
             deferrals=F("deferrals") + 1)
         if not changed:
@@ -336,7 +336,7 @@ def _defer_for_rate(alias: str, row: Mapping[str, Any], rate: Rate,
     resent = (due - now).total_seconds() <= app_settings.DELAY_THRESHOLD
     sweeper_due = due + timedelta(seconds=app_settings.PUBLISH_GRACE) if resent else due
     changed = TaskRecord.objects.using(alias).filter(id=row["id"]).transition(
-        CLAIMABLE_STATES - {TaskState.STARTED},
+        CLAIMABLE_STATES,
         state=TaskState.WAITING, waiting_for=WaitReason.RATE, next_attempt_at=sweeper_due,
         eta=due, deferrals=F("deferrals") + 1)
     if not changed:
