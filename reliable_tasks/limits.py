@@ -212,7 +212,8 @@ def slots_taken_sql(alias: str) -> str:
     Parameters: the key twice, the row's created_at twice and its id.
 
     Two counts, each answered by an index: ``rt_task_concurrency`` (key, state) for the
-    running rows, ``rt_task_waiters`` (the rows that waited, by key and age) for the others.
+    running rows, ``rt_task_waiters`` for the others (partial where the database has them: the
+    rows that waited, by key and age; on MySQL and MariaDB by key, state, reason and age).
     """
     quote = connections[alias].ops.quote_name
     table = quote(TaskRecord._meta.db_table)

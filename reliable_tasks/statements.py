@@ -117,23 +117,32 @@ def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
 
 
 def claims_within_limits_at_once(alias: str) -> bool:
-    """Whether ``claim_within_limits`` can run on ``alias`` (PostgreSQL)."""
-    return connections[alias].vendor == "postgresql"
+    """Whether ``claim_within_limits`` can run on ``alias`` (PostgreSQL, MySQL, MariaDB)."""
+    return connections[alias].vendor in ("postgresql", "mysql")
 
 
 def claim_within_limits(task_id: str, *, task_name: str, worker: str, started_at: datetime,
                         lease_seconds: float) -> str | None:
     """``claim`` for a row with limits, when they let it start now (``limits.claim`` decides
-    the same), in one statement: the function ``rt_claim_within_limits`` of migration 0010
-    (PostgreSQL keeps its plans, where the same SQL sent as a query would be planned on every
-    claim). Returns the row's concurrency key (``""`` without one) when it won, else None:
-    the caller reads the row to decide (and defer)."""
+    the same), in one round trip: the function ``rt_claim_within_limits`` of migration 0010 on
+    PostgreSQL (which keeps its plans, where the same SQL sent as a query would be planned on
+    every claim), the procedure of migration 0011 on MySQL and MariaDB. Returns the row's
+    concurrency key (``""`` without one) when it won, else None: the caller reads the row to
+    decide (and defer)."""
     alias = _alias()
-    with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT rt_claim_within_limits(%s, %s, %s, %s, %s)", [
-            _id(task_id, alias), task_name, worker, _moment(started_at, alias),
-            float(lease_seconds)])
-        found = cursor.fetchone()
+    connection = connections[alias]
+    params = [_id(task_id, alias), task_name, worker, _moment(started_at, alias)]
+    with connection.cursor() as cursor:
+        if connection.vendor == "mysql":
+            cursor.execute("CALL rt_claim_within_limits(%s, %s, %s, %s, %s)",
+                           [*params, round(lease_seconds * 1_000_000)])
+            found = cursor.fetchone()
+            while cursor.nextset():  # the CALL's own status comes after the result
+                pass
+        else:
+            cursor.execute("SELECT rt_claim_within_limits(%s, %s, %s, %s, %s)",
+                           [*params, float(lease_seconds)])
+            found = cursor.fetchone()
     return None if found is None or found[0] is None else str(found[0])
 
 

@@ -1,0 +1,151 @@
+"""The limited claim in one round trip: PostgreSQL's function (migration 0010) and the MySQL and
+MariaDB procedure (migration 0011), ``statements.claim_within_limits``.
+
+SQLite has neither: its limited claim is ``limits.claim``'s transaction, tested with the rest in
+``tests/test_limits.py`` (which runs through the function or the procedure elsewhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from django.db import OperationalError, connection, transaction
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from reliable_tasks import ledger, statements
+from reliable_tasks.models import TaskLimiter, TaskRecord, WaitReason
+from reliable_tasks.states import TaskState
+
+pytestmark = pytest.mark.skipif(
+    not statements.claims_within_limits_at_once(connection.alias),
+    reason="SQLite claims a limited row in a transaction of several statements")
+
+
+def limited_row(**limits: Any) -> TaskRecord:
+    """A PENDING row of demo.add with ``limits`` (written directly: nothing is published)."""
+    return TaskRecord.objects.create(task_name="demo.add", args=[1, 2], kwargs={}, **limits)
+
+
+def claim(row: TaskRecord, worker: str = "w1") -> ledger.Claim:
+    return ledger.claim(str(row.pk), task_name=row.task_name, worker=worker,
+                        rerun_after_lost=False, limited=True)
+
+
+def state(row: TaskRecord) -> tuple[str, str, int]:
+    row.refresh_from_db()
+    return row.state, row.waiting_for, row.attempts
+
+
+@contextmanager
+def key_held_elsewhere(key: str) -> Iterator[None]:
+    """Another connection holds the lock of ``key`` (a prefixed limiter key) in an open
+    transaction, as a claim of that key in progress does."""
+    other = connection.get_new_connection(connection.get_connection_params())
+    try:
+        cursor = other.cursor()
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [key])
+        else:
+            table = connection.ops.quote_name(TaskLimiter._meta.db_table)
+            cursor.execute(f"INSERT INTO {table} (`key`) VALUES (%s) "
+                           f"ON DUPLICATE KEY UPDATE `key` = `key`", [key])
+        yield
+    finally:
+        other.rollback()
+        other.close()
+
+
+@contextmanager
+def lock_wait_of_one_second() -> Iterator[None]:
+    """This connection gives up waiting for a lock after a second."""
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET lock_timeout = '1s'")
+        else:
+            cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute("RESET lock_timeout")
+            else:
+                cursor.execute("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+
+
+def in_transaction() -> bool:
+    """Whether this connection has a transaction open on the server."""
+    if connection.vendor == "postgresql":
+        return connection.connection.info.transaction_status != 0  # psycopg: IDLE is 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT @@in_transaction")
+        return bool(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_limited_claim_that_may_start_is_one_round_trip():
+    row = limited_row(concurrency_key="k", concurrency_limit=2, rate_key="api",
+                      rate_limit="100/s")
+
+    with CaptureQueriesContext(connection) as queries:
+        claimed = claim(row)
+
+    assert (claimed.won, claimed.concurrency_key) == (True, "k")
+    assert len(queries) == 1, [query["sql"] for query in queries]
+    assert state(row) == (TaskState.STARTED, "", 1)
+    bucket = TaskLimiter.objects.get(key="r:api")
+    assert bucket.allowed_at is not None and bucket.allowed_at > row.started_at
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_round_trip_admits_up_to_the_limit_then_the_claim_defers():
+    rows = [limited_row(concurrency_key="k", concurrency_limit=2) for _ in range(3)]
+
+    claims = [claim(row, f"w{index}") for index, row in enumerate(rows)]
+
+    assert [claimed.won for claimed in claims] == [True, True, False]
+    assert claims[2].waiting_for == WaitReason.CONCURRENCY
+    assert state(rows[2]) == (TaskState.WAITING, WaitReason.CONCURRENCY, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_round_trip_spaces_a_rate_s_starts():
+    rows = [limited_row(rate_key="api", rate_limit="1/m") for _ in range(2)]
+
+    assert claim(rows[0]).won
+    deferred = claim(rows[1], "w2")
+
+    assert deferred.waiting_for == WaitReason.RATE
+    allowed_at = TaskLimiter.objects.get(key="r:api").allowed_at
+    assert allowed_at is not None
+    assert 59 <= (allowed_at - timezone.now()).total_seconds() <= 60
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inside_the_caller_s_transaction_the_claim_is_undone_with_it():
+    row = limited_row(concurrency_key="k", concurrency_limit=1)
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        assert claim(row).won
+        raise RuntimeError("the caller rolls back")
+
+    assert state(row) == (TaskState.PENDING, "", 0)
+    assert claim(row).won
+    assert state(row) == (TaskState.STARTED, "", 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_that_cannot_take_its_key_s_lock_raises_and_leaves_nothing_open():
+    row = limited_row(concurrency_key="k", concurrency_limit=1)
+
+    with lock_wait_of_one_second(), key_held_elsewhere("c:k"):
+        with pytest.raises(OperationalError):
+            claim(row)
+        assert not in_transaction()
+
+    assert state(row) == (TaskState.PENDING, "", 0)
+    assert claim(row).won  # the key is free again: the same claim wins
