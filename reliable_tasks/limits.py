@@ -206,27 +206,37 @@ def _claim_sql(alias: str, counted: bool) -> str:
             f"AND ({quote('expires_at')} IS NULL OR {quote('expires_at')} >= %s){slots}")
 
 
-def slots_taken_sql(alias: str) -> str:
+def slots_taken_sql(alias: str, row: str | None = None) -> str:
     """SQL counting the slots of a concurrency key taken for a row: the key's STARTED rows and
     the rows that waited before it (older in dispatch order) and were woken or wait still.
-    Parameters: the key twice, the row's created_at twice and its id.
+    Parameters: the key twice, the row's created_at twice and its id; or none, with ``row``
+    (the quoted name of the table being updated, in a correlated subquery), whose columns are
+    the row's.
 
     Two counts, each answered by an index: ``rt_task_concurrency`` (key, state) for the
     running rows, ``rt_task_waiters`` for the others (partial where the database has them: the
     rows that waited, by key and age; on MySQL and MariaDB by key, state, reason and age).
+    SQLite, without statistics, would count the waiters through the first (reading every
+    PENDING row of the key): there the second is named (``INDEXED BY``).
     """
-    quote = connections[alias].ops.quote_name
+    connection = connections[alias]
+    quote = connection.ops.quote_name
     table = quote(TaskRecord._meta.db_table)
+    waiters_index = (f" INDEXED BY {quote('rt_task_waiters')}"
+                     if connection.vendor == "sqlite" else "")
     key_column, state, waiting, created_column, pk_column = (quote(name) for name in (
         "concurrency_key", "state", "waiting_for", "created_at", "id"))
+    key, created, pk = ((f"{row}.{key_column}", f"{row}.{created_column}", f"{row}.{pk_column}")
+                        if row else ("%s", "%s", "%s"))
     waiters = ", ".join(f"'{state_}'" for state_ in (TaskState.WAITING, *_WOKEN_STATES))
-    running = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = %s "
+    running = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = {key} "
                f"AND other.{state} = '{TaskState.STARTED.value}'")
-    ahead = (f"SELECT COUNT(*) FROM {table} other WHERE other.{key_column} = %s "
+    ahead = (f"SELECT COUNT(*) FROM {table} other{waiters_index} "
+             f"WHERE other.{key_column} = {key} "
              f"AND other.{waiting} = '{WaitReason.CONCURRENCY.value}' "
              f"AND other.{state} IN ({waiters}) "
-             f"AND (other.{created_column} < %s OR (other.{created_column} = %s "
-             f"AND other.{pk_column} < %s))")
+             f"AND (other.{created_column} < {created} OR (other.{created_column} = {created} "
+             f"AND other.{pk_column} < {pk}))")
     return f"({running}) + ({ahead})"
 
 

@@ -15,15 +15,18 @@ spends inserting them; ``insert_records`` sends one array per column there inste
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
-from django.db import connections, models, router
+from django.db import connections, models, router, transaction
+from django.utils import timezone
 
+from reliable_tasks import limits
 from reliable_tasks.clock import later_sql, now_sql
-from reliable_tasks.models import TaskRecord
+from reliable_tasks.models import TaskLimiter, TaskRecord, WaitReason
 from reliable_tasks.states import CLAIMABLE_STATES, TaskState
 
 #: States a successful run may finish from (its own STARTED, or a row a sweeper moved on
@@ -117,20 +120,28 @@ def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
 
 
 def claims_within_limits_at_once(alias: str) -> bool:
-    """Whether ``claim_within_limits`` can run on ``alias`` (PostgreSQL, MySQL, MariaDB)."""
-    return connections[alias].vendor in ("postgresql", "mysql")
+    """Whether ``claim_within_limits`` can run on ``alias``: PostgreSQL, MySQL, MariaDB, and
+    SQLite from 3.35 (``UPDATE ... RETURNING``)."""
+    connection = connections[alias]
+    if connection.vendor == "sqlite":
+        return sqlite3.sqlite_version_info >= (3, 35, 0)
+    return connection.vendor in ("postgresql", "mysql")
 
 
 def claim_within_limits(task_id: str, *, task_name: str, worker: str, started_at: datetime,
                         lease_seconds: float) -> str | None:
     """``claim`` for a row with limits, when they let it start now (``limits.claim`` decides
-    the same), in one round trip: the function ``rt_claim_within_limits`` of migration 0010 on
-    PostgreSQL (which keeps its plans, where the same SQL sent as a query would be planned on
-    every claim), the procedure of migration 0011 on MySQL and MariaDB. Returns the row's
-    concurrency key (``""`` without one) when it won, else None: the caller reads the row to
-    decide (and defer)."""
+    the same) without reading the row first: the function ``rt_claim_within_limits`` of
+    migration 0010 on PostgreSQL (which keeps its plans, where the same SQL sent as a query
+    would be planned on every claim), the procedure of migration 0011 on MySQL and MariaDB, one
+    ``UPDATE`` on SQLite (``_claim_within_limits_on_sqlite``). Returns the row's concurrency
+    key (``""`` without one) when it won, else None: the caller reads the row to decide (and
+    defer)."""
     alias = _alias()
     connection = connections[alias]
+    if connection.vendor == "sqlite":
+        return _claim_within_limits_on_sqlite(alias, task_id, task_name=task_name, worker=worker,
+                                              started_at=started_at, lease_seconds=lease_seconds)
     params = [_id(task_id, alias), task_name, worker, _moment(started_at, alias)]
     with connection.cursor() as cursor:
         if connection.vendor == "mysql":
@@ -144,6 +155,65 @@ def claim_within_limits(task_id: str, *, task_name: str, worker: str, started_at
                            [*params, float(lease_seconds)])
             found = cursor.fetchone()
     return None if found is None or found[0] is None else str(found[0])
+
+
+def _claim_within_limits_on_sqlite(alias: str, task_id: str, *, task_name: str, worker: str,
+                                   started_at: datetime, lease_seconds: float) -> str | None:
+    """SQLite: the claim within limits as one ``UPDATE`` that counts the key's slots and looks
+    at the rate bucket itself, then, for a rate key, the bucket's next allowed start: one
+    transaction. SQLite runs one writer at a time and an ``UPDATE`` holds the write lock from
+    its first read, so the count it makes stays true until it commits (what the key's lock
+    does elsewhere)."""
+    connection = connections[alias]
+    now = timezone.now()
+    claimed_sql, bucket_sql = sqlite_limited_claim_sql(alias)
+    with transaction.atomic(using=alias), connection.cursor() as cursor:
+        cursor.execute(claimed_sql, [
+            TaskState.STARTED.value, worker, _moment(started_at, alias),
+            _moment(now + timedelta(seconds=lease_seconds), alias), _id(task_id, alias),
+            task_name, *(state.value for state in CLAIMABLE_STATES), _moment(now, alias),
+            _moment(now, alias), _moment(now, alias)])
+        found = cursor.fetchone()
+        if found is None:
+            return None
+        concurrency_key, rate_key, rate_limit = found
+        if rate_key is not None:
+            allowed_at = now + limits.parse_rate(rate_limit).interval
+            cursor.execute(bucket_sql, [limits.RATE_PREFIX + rate_key, _moment(allowed_at, alias)])
+    return concurrency_key or ""
+
+
+@lru_cache(maxsize=4)
+def sqlite_limited_claim_sql(alias: str) -> tuple[str, str]:
+    """The SQL of ``_claim_within_limits_on_sqlite``: the claim, and the bucket's upsert (for
+    EXPLAIN in tests)."""
+    quote = connections[alias].ops.quote_name
+    table, state, attempts, worker, started, lease, next_attempt, waiting, pk, name, expires = (
+        _quoted(alias, "state", "attempts", "worker", "started_at", "lease_expires_at",
+                "next_attempt_at", "waiting_for", "id", "task_name", "expires_at"))
+    key, limit, rate_key, rate_limit = _quoted(
+        alias, "concurrency_key", "concurrency_limit", "rate_key", "rate_limit")[1:]
+    limiter = quote(TaskLimiter._meta.db_table)
+    states = ", ".join(["%s"] * len(CLAIMABLE_STATES))
+    slots = limits.slots_taken_sql(alias, row=table)
+    bucket_refuses = (
+        f"SELECT 1 FROM {limiter} bucket WHERE bucket.{quote('key')} = "
+        f"'{limits.RATE_PREFIX}' || {table}.{rate_key} AND (bucket.{quote('allowed_at')} > %s "
+        f"OR ({table}.{waiting} <> '{WaitReason.RATE.value}' "
+        f"AND bucket.{quote('reserved_until')} > %s))")
+    claimed = (
+        f"UPDATE {table} SET {state} = %s, {attempts} = {attempts} + 1, {worker} = %s, "
+        f"{started} = %s, {lease} = %s, {next_attempt} = NULL, {waiting} = '' "
+        f"WHERE {pk} = %s AND {name} = %s AND {state} IN ({states}) "
+        f"AND ({expires} IS NULL OR {expires} >= %s) "
+        f"AND ({key} IS NOT NULL OR {rate_key} IS NOT NULL) "
+        f"AND ({key} IS NULL OR {slots} < {table}.{limit}) "
+        f"AND ({rate_key} IS NULL OR NOT EXISTS ({bucket_refuses})) "
+        f"RETURNING {key}, {rate_key}, {rate_limit}")
+    bucket = (f"INSERT INTO {limiter} ({quote('key')}, {quote('allowed_at')}) VALUES (%s, %s) "
+              f"ON CONFLICT ({quote('key')}) DO UPDATE SET "
+              f"{quote('allowed_at')} = excluded.{quote('allowed_at')}")
+    return claimed, bucket
 
 
 def succeed(task_id: str, *, worker: str, started_at: datetime, now: datetime) -> int:

@@ -1,8 +1,7 @@
-"""The limited claim in one round trip: PostgreSQL's function (migration 0010) and the MySQL and
-MariaDB procedure (migration 0011), ``statements.claim_within_limits``.
-
-SQLite has neither: its limited claim is ``limits.claim``'s transaction, tested with the rest in
-``tests/test_limits.py`` (which runs through the function or the procedure elsewhere).
+"""The limited claim without reading the row first (``statements.claim_within_limits``):
+PostgreSQL's function (migration 0010), the MySQL and MariaDB procedure (migration 0011), one
+``UPDATE`` on SQLite. When it cannot start the row, ``limits.claim`` decides: the rest of the
+limits' behaviour is tested in ``tests/test_limits.py``, which goes through both.
 """
 
 from __future__ import annotations
@@ -22,7 +21,9 @@ from reliable_tasks.states import TaskState
 
 pytestmark = pytest.mark.skipif(
     not statements.claims_within_limits_at_once(connection.alias),
-    reason="SQLite claims a limited row in a transaction of several statements")
+    reason="SQLite before 3.35 has no UPDATE ... RETURNING")
+#: Transaction control, which SQLite's claim sends as statements of their own.
+TRANSACTION_CONTROL = ("BEGIN", "COMMIT", "SAVEPOINT", "RELEASE")
 
 
 def limited_row(**limits: Any) -> TaskRecord:
@@ -49,6 +50,8 @@ def key_held_elsewhere(key: str) -> Iterator[None]:
         cursor = other.cursor()
         if connection.vendor == "postgresql":
             cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [key])
+        elif connection.vendor == "sqlite":
+            cursor.execute("BEGIN IMMEDIATE")  # SQLite's one write lock holds every key
         else:
             table = connection.ops.quote_name(TaskLimiter._meta.db_table)
             cursor.execute(f"INSERT INTO {table} (`key`) VALUES (%s) "
@@ -59,28 +62,36 @@ def key_held_elsewhere(key: str) -> Iterator[None]:
         other.close()
 
 
+_LOCK_WAIT = {  # vendor: (give up after a second, back to the connection's setting)
+    "postgresql": ("SET lock_timeout = '1s'", "RESET lock_timeout"),
+    "mysql": ("SET SESSION innodb_lock_wait_timeout = 1",
+              "SET SESSION innodb_lock_wait_timeout = DEFAULT"),
+    "sqlite": ("PRAGMA busy_timeout = 1000", "PRAGMA busy_timeout = {before}"),
+}
+
+
 @contextmanager
 def lock_wait_of_one_second() -> Iterator[None]:
     """This connection gives up waiting for a lock after a second."""
+    give_up, restore = _LOCK_WAIT[connection.vendor]
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
-            cursor.execute("SET lock_timeout = '1s'")
-        else:
-            cursor.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        if connection.vendor == "sqlite":
+            cursor.execute("PRAGMA busy_timeout")
+            restore = restore.format(before=int(cursor.fetchone()[0]))
+        cursor.execute(give_up)
     try:
         yield
     finally:
         with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute("RESET lock_timeout")
-            else:
-                cursor.execute("SET SESSION innodb_lock_wait_timeout = DEFAULT")
+            cursor.execute(restore)
 
 
 def in_transaction() -> bool:
     """Whether this connection has a transaction open on the server."""
     if connection.vendor == "postgresql":
         return connection.connection.info.transaction_status != 0  # psycopg: IDLE is 0
+    if connection.vendor == "sqlite":
+        return bool(connection.connection.in_transaction)
     with connection.cursor() as cursor:
         cursor.execute("SELECT @@in_transaction")
         return bool(cursor.fetchone()[0])
@@ -95,7 +106,12 @@ def test_a_limited_claim_that_may_start_is_one_round_trip():
         claimed = claim(row)
 
     assert (claimed.won, claimed.concurrency_key) == (True, "k")
-    assert len(queries) == 1, [query["sql"] for query in queries]
+    sent = [query["sql"] for query in queries
+            if not query["sql"].upper().startswith(TRANSACTION_CONTROL)]
+    if connection.vendor == "sqlite":  # the claim, then the rate bucket's next start
+        assert [sql.split()[0] for sql in sent] == ["UPDATE", "INSERT"], sent
+    else:
+        assert len(queries) == 1, sent
     assert state(row) == (TaskState.STARTED, "", 1)
     bucket = TaskLimiter.objects.get(key="r:api")
     assert bucket.allowed_at is not None and bucket.allowed_at > row.started_at
@@ -149,3 +165,19 @@ def test_a_claim_that_cannot_take_its_key_s_lock_raises_and_leaves_nothing_open(
 
     assert state(row) == (TaskState.PENDING, "", 0)
     assert claim(row).won  # the key is free again: the same claim wins
+
+
+@pytest.mark.django_db
+def test_on_sqlite_the_waiters_ahead_are_counted_through_their_own_index():
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's planner, which has no statistics here")
+    claim_sql = statements.sqlite_limited_claim_sql(connection.alias)[0]
+    params = ["STARTED", "w1", "", "", "id", "demo.add", "PENDING", "QUEUED", "RETRY",
+              "WAITING", "", "", ""]
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN QUERY PLAN {claim_sql}", params)
+        searches = [row[3] for row in cursor.fetchall() if row[3].startswith("SEARCH other")]
+
+    assert len(searches) == 2, searches
+    assert "rt_task_concurrency" in searches[0]  # the key's running rows
+    assert "rt_task_waiters" in searches[1], searches  # not every PENDING row of the key
