@@ -30,6 +30,7 @@ from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.models import F, Q
+from django.utils import timezone
 
 from reliable_tasks.clock import database_now
 from reliable_tasks.conf import app_settings
@@ -363,16 +364,44 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
     (WAITING -> PENDING) and return them, for the caller to publish (``publish_records``).
 
     Takes the key's lock, so a claim deferring a row meanwhile is either seen here or sees the
-    slot free. The limit is the oldest waiter's. On PostgreSQL, migration 0010's function
-    ``rt_wake_concurrency_waiters`` does it in one statement.
+    slot free. The limit is the oldest waiter's. Every limited run ends with this call, and
+    mostly no row waits: on PostgreSQL it is one statement (migration 0010's function
+    ``rt_wake_concurrency_waiters``), on SQLite one ``UPDATE``, on MySQL and MariaDB one call
+    of migration 0011's ``rt_free_slots_for_waiters`` when nothing is to wake.
     """
     alias = _alias()
-    if connections[alias].vendor == "postgresql":
-        with connections[alias].cursor() as cursor:  # the same, in one statement
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
             cursor.execute("SELECT rt_wake_concurrency_waiters(%s, %s)",
                            [concurrency_key, float(app_settings.PUBLISH_GRACE)])
             ids = [row[0] for row in cursor.fetchall()]
-        return list(TaskRecord.objects.using(alias).filter(id__in=ids)) if ids else []
+    elif connection.vendor == "sqlite":
+        due = timezone.now() + timedelta(seconds=app_settings.PUBLISH_GRACE)
+        with connection.cursor() as cursor:
+            cursor.execute(_sqlite_wake_sql(alias), [
+                connection.ops.adapt_datetimefield_value(due), *[concurrency_key] * 4])
+            ids = [row[0] for row in cursor.fetchall()]
+    elif connection.vendor == "mysql" and not _free_slots_for_waiters(alias, concurrency_key):
+        return []
+    else:
+        ids = _wake_in_transaction(alias, concurrency_key)
+    return list(TaskRecord.objects.using(alias).filter(id__in=ids)) if ids else []
+
+
+def _free_slots_for_waiters(alias: str, concurrency_key: str) -> int:
+    """MySQL and MariaDB: the slots of ``concurrency_key`` free for its WAITING rows, under
+    its lock (0 when none waits), in one call of ``rt_free_slots_for_waiters``."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute("CALL rt_free_slots_for_waiters(%s)", [concurrency_key])
+        free = int(cursor.fetchone()[0])
+        while cursor.nextset():  # the CALL's own status comes after the result
+            pass
+    return free
+
+
+def _wake_in_transaction(alias: str, concurrency_key: str) -> list[Any]:
+    """``wake`` as a transaction of several statements; returns the ids woken."""
     with transaction.atomic(using=alias):
         lock_key(alias, CONCURRENCY_PREFIX + concurrency_key)
         waiting = TaskRecord.objects.using(alias).filter(
@@ -391,7 +420,37 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
         due = database_now(alias) + timedelta(seconds=app_settings.PUBLISH_GRACE)
         TaskRecord.objects.using(alias).filter(id__in=ids).transition(
             (TaskState.WAITING,), state=TaskState.PENDING, next_attempt_at=due)
-        return list(TaskRecord.objects.using(alias).filter(id__in=ids, state=TaskState.PENDING))
+        return list(TaskRecord.objects.using(alias).filter(
+            id__in=ids, state=TaskState.PENDING).values_list("id", flat=True))
+
+
+@lru_cache(maxsize=4)
+def _sqlite_wake_sql(alias: str) -> str:
+    """SQLite: ``wake`` as one ``UPDATE ... RETURNING``, which holds SQLite's one write lock
+    (every key's lock) from its first read. Parameters: the due time, then the key four
+    times."""
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    table = quote(TaskRecord._meta.db_table)
+    key, state, waiting, created, pk, limit, next_attempt = (quote(name) for name in (
+        "concurrency_key", "state", "waiting_for", "created_at", "id", "concurrency_limit",
+        "next_attempt_at"))
+    waiters = f"{table} waiter INDEXED BY {quote('rt_task_waiters')}"
+    reason = f"'{WaitReason.CONCURRENCY.value}'"
+    woken = ", ".join(f"'{state_}'" for state_ in _WOKEN_STATES)
+    head_limit = (f"SELECT waiter.{limit} FROM {waiters} WHERE waiter.{key} = %s "
+                  f"AND waiter.{waiting} = {reason} AND waiter.{state} = 'WAITING' "
+                  f"ORDER BY waiter.{created}, waiter.{pk} LIMIT 1")
+    free = (f"MAX(0, COALESCE(({head_limit}), 1) "
+            f"- (SELECT COUNT(*) FROM {table} other WHERE other.{key} = %s "
+            f"AND other.{state} = '{TaskState.STARTED.value}') "
+            f"- (SELECT COUNT(*) FROM {waiters} WHERE waiter.{key} = %s "
+            f"AND waiter.{waiting} = {reason} AND waiter.{state} IN ({woken})))")
+    return (f"UPDATE {table} SET {state} = '{TaskState.PENDING.value}', {next_attempt} = %s "
+            f"WHERE {state} = '{TaskState.WAITING.value}' AND {pk} IN ("
+            f"SELECT waiter.{pk} FROM {waiters} WHERE waiter.{key} = %s "
+            f"AND waiter.{waiting} = {reason} AND waiter.{state} = 'WAITING' "
+            f"ORDER BY waiter.{created}, waiter.{pk} LIMIT {free}) RETURNING {pk}")
 
 
 def waiting_concurrency_keys(limit: int) -> list[str]:

@@ -15,7 +15,7 @@ from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from reliable_tasks import ledger, statements
+from reliable_tasks import ledger, limits, statements
 from reliable_tasks.models import TaskLimiter, TaskRecord, WaitReason
 from reliable_tasks.states import TaskState
 
@@ -181,3 +181,31 @@ def test_on_sqlite_the_waiters_ahead_are_counted_through_their_own_index():
     assert len(searches) == 2, searches
     assert "rt_task_concurrency" in searches[0]  # the key's running rows
     assert "rt_task_waiters" in searches[1], searches  # not every PENDING row of the key
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_wake_up_after_a_limited_run_is_one_round_trip_when_no_row_waits():
+    row = limited_row(concurrency_key="k", concurrency_limit=1)
+    assert claim(row).won
+
+    with CaptureQueriesContext(connection) as queries:
+        assert limits.wake("k") == []
+
+    assert len(queries) == 1, [query["sql"] for query in queries]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_wake_up_turns_the_oldest_waiters_that_fit_pending_and_returns_them():
+    rows = [limited_row(concurrency_key="k", concurrency_limit=2) for _ in range(5)]
+    claims = [claim(row, f"w{index}") for index, row in enumerate(rows)]
+    assert [claimed.won for claimed in claims] == [True, True, False, False, False]
+    for row, claimed in zip(rows[:2], claims[:2], strict=True):
+        assert ledger.record_success(str(row.pk), claimed)
+
+    woken = limits.wake("k")
+
+    assert sorted(str(record.pk) for record in woken) == sorted(str(row.pk) for row in rows[2:4])
+    assert [state(row)[:2] for row in rows[2:]] == [
+        (TaskState.PENDING, WaitReason.CONCURRENCY), (TaskState.PENDING, WaitReason.CONCURRENCY),
+        (TaskState.WAITING, WaitReason.CONCURRENCY)]
+    assert limits.wake("k") == []  # the woken rows hold both slots until they start

@@ -1,5 +1,6 @@
-"""MySQL and MariaDB: the claim of a row with limits in one round trip, a stored procedure,
-and an index that counts a concurrency key's taken slots.
+"""MySQL and MariaDB: the claim of a row with limits in one round trip, a stored procedure; the
+look for waiters that a finished limited run makes, another; and an index that counts a
+concurrency key's taken slots.
 
 ``rt_claim_within_limits`` does what migration 0010's PostgreSQL function does, with the locks
 ``limits.claim`` takes on these databases (the keys' ``TaskLimiter`` rows), so that claims made
@@ -9,6 +10,11 @@ until the caller commits. MySQL refuses an UPDATE that reads its own table, so t
 are counted first, under the key's lock, as ``limits.claim`` counts them. Its result set is one
 row: the row's concurrency key ('' without one) when it won, else NULL (the caller then decides,
 and defers, in Python).
+
+``rt_free_slots_for_waiters`` is the first half of ``limits.wake``: under the key's lock, the
+slots free for the key's WAITING rows (0 when none waits, the common case, and then nothing more
+is sent). A deferring claim holds the same lock from its count to its commit, so a row it turns
+WAITING is seen here.
 
 These databases have no partial index: 0010's ``rt_task_waiters`` (concurrency_key, created_at)
 holds every row of a key there, so counting the rows that waited read each older row of the key.
@@ -115,15 +121,56 @@ BEGIN
     SELECT result;
 END
 """
-_DROP_PROCEDURE = "DROP PROCEDURE IF EXISTS rt_claim_within_limits"
+_FREE_SLOTS_PROCEDURE = """
+CREATE PROCEDURE rt_free_slots_for_waiters(IN limited_key VARCHAR(255))
+MODIFIES SQL DATA
+BEGIN
+    DECLARE own_transaction BOOLEAN DEFAULT @@autocommit = 1;
+    DECLARE found_row BOOLEAN DEFAULT TRUE;
+    DECLARE head_limit BIGINT;
+    DECLARE free BIGINT DEFAULT 0;
+    DECLARE CONTINUE HANDLER FOR NOT FOUND SET found_row = FALSE;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION
+    BEGIN
+        IF own_transaction THEN
+            ROLLBACK;
+        END IF;
+        RESIGNAL;
+    END;
+    IF own_transaction THEN
+        START TRANSACTION;
+    END IF;
+    INSERT INTO reliable_tasks_tasklimiter (`key`) VALUES (CONCAT('c:', limited_key))
+        ON DUPLICATE KEY UPDATE `key` = `key`;
+    SELECT concurrency_limit INTO head_limit FROM reliable_tasks_taskrecord
+        WHERE concurrency_key = limited_key AND state = 'WAITING'
+            AND waiting_for = 'concurrency'
+        ORDER BY created_at, id LIMIT 1;
+    IF found_row THEN
+        SELECT COALESCE(head_limit, 1)
+            - (SELECT COUNT(*) FROM reliable_tasks_taskrecord
+               WHERE concurrency_key = limited_key AND state = 'STARTED')
+            - (SELECT COUNT(*) FROM reliable_tasks_taskrecord
+               WHERE concurrency_key = limited_key AND state IN ('PENDING', 'QUEUED')
+                   AND waiting_for = 'concurrency')
+            INTO free;
+    END IF;
+    IF own_transaction THEN
+        COMMIT;
+    END IF;
+    SELECT GREATEST(free, 0);
+END
+"""
+_DROP_PROCEDURES = ("DROP PROCEDURE IF EXISTS rt_claim_within_limits",
+                    "DROP PROCEDURE IF EXISTS rt_free_slots_for_waiters")
 _WAITERS_INDEX = "rt_task_waiters"
 _WAITERS_COLUMNS = {"before": ("concurrency_key", "created_at"),
                     "after": ("concurrency_key", "state", "waiting_for", "created_at")}
 
 
 class ClaimProcedure(migrations.operations.base.Operation):
-    """On MySQL and MariaDB only: the procedure ``rt_claim_within_limits`` and the columns of
-    the index ``rt_task_waiters``."""
+    """On MySQL and MariaDB only: the procedures ``rt_claim_within_limits`` and
+    ``rt_free_slots_for_waiters``, and the columns of the index ``rt_task_waiters``."""
 
     reversible = True
 
@@ -141,17 +188,20 @@ class ClaimProcedure(migrations.operations.base.Operation):
         if schema_editor.connection.vendor == "mysql":
             model = to_state.apps.get_model(app_label, "taskrecord")
             self._index(schema_editor, model, _WAITERS_COLUMNS["after"])
-            schema_editor.execute(_DROP_PROCEDURE, params=None)
+            for drop in _DROP_PROCEDURES:
+                schema_editor.execute(drop, params=None)
             schema_editor.execute(_CLAIM_PROCEDURE, params=None)
+            schema_editor.execute(_FREE_SLOTS_PROCEDURE, params=None)
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor == "mysql":
-            schema_editor.execute(_DROP_PROCEDURE, params=None)
+            for drop in _DROP_PROCEDURES:
+                schema_editor.execute(drop, params=None)
             model = to_state.apps.get_model(app_label, "taskrecord")
             self._index(schema_editor, model, _WAITERS_COLUMNS["before"])
 
     def describe(self):
-        return "On MySQL/MariaDB, the procedure of the limited claim and its index"
+        return "On MySQL/MariaDB, the procedures of the limited claim and the wake-up, and an index"
 
 
 class Migration(migrations.Migration):
