@@ -24,6 +24,22 @@ the slots from the index alone (its name is kept, so that the model's state stay
 
 from django.db import migrations
 
+#: What both procedures do once their variables are declared (``own_transaction``,
+#: ``found_row``): a SELECT ... INTO that finds no row clears ``found_row``; an error rolls back
+#: the transaction the procedure began, if it began one, and is raised to the caller.
+_BEGIN = """    DECLARE CONTINUE HANDLER FOR NOT FOUND SET found_row = FALSE;
+    DECLARE EXIT HANDLER FOR SQLEXCEPTION
+    BEGIN
+        IF own_transaction THEN
+            ROLLBACK;
+        END IF;
+        RESIGNAL;
+    END;
+    IF own_transaction THEN
+        START TRANSACTION;
+    END IF;
+"""
+
 _CLAIM_PROCEDURE = """
 CREATE PROCEDURE rt_claim_within_limits(
     IN task_id VARCHAR(36), IN claimed_name VARCHAR(255), IN claimer VARCHAR(255),
@@ -42,18 +58,7 @@ BEGIN
     DECLARE period VARCHAR(32);
     DECLARE rate_micros BIGINT;
     DECLARE result VARCHAR(255) DEFAULT NULL;
-    DECLARE CONTINUE HANDLER FOR NOT FOUND SET found_row = FALSE;
-    DECLARE EXIT HANDLER FOR SQLEXCEPTION
-    BEGIN
-        IF own_transaction THEN
-            ROLLBACK;
-        END IF;
-        RESIGNAL;
-    END;
-    IF own_transaction THEN
-        START TRANSACTION;
-    END IF;
-    claim: BEGIN
+{begin}    claim: BEGIN
         SELECT concurrency_key, concurrency_limit, rate_key, rate_limit, waiting_for, created_at
             INTO row_key, row_limit, row_rate_key, row_rate_limit, row_waiting, row_created
             FROM reliable_tasks_taskrecord WHERE id = task_id;
@@ -120,7 +125,7 @@ BEGIN
     END IF;
     SELECT result;
 END
-"""
+""".replace("{begin}", _BEGIN)
 _FREE_SLOTS_PROCEDURE = """
 CREATE PROCEDURE rt_free_slots_for_waiters(IN limited_key VARCHAR(255))
 MODIFIES SQL DATA
@@ -129,18 +134,7 @@ BEGIN
     DECLARE found_row BOOLEAN DEFAULT TRUE;
     DECLARE head_limit BIGINT;
     DECLARE free BIGINT DEFAULT 0;
-    DECLARE CONTINUE HANDLER FOR NOT FOUND SET found_row = FALSE;
-    DECLARE EXIT HANDLER FOR SQLEXCEPTION
-    BEGIN
-        IF own_transaction THEN
-            ROLLBACK;
-        END IF;
-        RESIGNAL;
-    END;
-    IF own_transaction THEN
-        START TRANSACTION;
-    END IF;
-    INSERT INTO reliable_tasks_tasklimiter (`key`) VALUES (CONCAT('c:', limited_key))
+{begin}    INSERT INTO reliable_tasks_tasklimiter (`key`) VALUES (CONCAT('c:', limited_key))
         ON DUPLICATE KEY UPDATE `key` = `key`;
     SELECT concurrency_limit INTO head_limit FROM reliable_tasks_taskrecord
         WHERE concurrency_key = limited_key AND state = 'WAITING'
@@ -160,7 +154,7 @@ BEGIN
     END IF;
     SELECT GREATEST(free, 0);
 END
-"""
+""".replace("{begin}", _BEGIN)
 _DROP_PROCEDURES = ("DROP PROCEDURE IF EXISTS rt_claim_within_limits",
                     "DROP PROCEDURE IF EXISTS rt_free_slots_for_waiters")
 _WAITERS_INDEX = "rt_task_waiters"
