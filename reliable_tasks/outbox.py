@@ -19,7 +19,7 @@ from uuid import UUID
 
 from celery import Celery
 from celery.canvas import Signature
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, router, transaction
 from django.db.models import F, Field
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -312,23 +312,31 @@ def _record_keyed(record: TaskRecord, policy: str, *, given_id: bool) -> TaskRec
             return record
         assert record.unique_key is not None
         holder = key_holder(record.unique_key)
-        if holder is None:
-            continue
-        if policy == RAISE:
-            raise DuplicateTask(
-                f"{holder.task_name}[{holder.pk}] ({holder.state}) holds the unique key "
-                f"{record.unique_key!r}: {record.task_name} was not recorded", holder)
-        logger.debug("%s: unique key %r held by %s[%s]; returning it", record.task_name,
-                     record.unique_key, holder.task_name, holder.pk)
-        return holder
+        if holder is not None:
+            return _answer_held_key(record, holder, policy)
     raise DispatchError(
         f"The unique key {record.unique_key!r} of {record.task_name} was held, then free, "
         f"{_KEY_TRIES} times while dispatching: nothing was recorded; dispatch again")
 
 
+def _answer_held_key(record: TaskRecord, holder: TaskRecord, policy: str) -> TaskRecord:
+    """What a call whose ``unique_key`` ``holder`` holds gets: the holder (``policy``
+    return_existing), or ``DuplicateTask`` (raise)."""
+    if policy == RAISE:
+        raise DuplicateTask(
+            f"{holder.task_name}[{holder.pk}] ({holder.state}) holds the unique key "
+            f"{record.unique_key!r}: {record.task_name} was not recorded", holder)
+    logger.debug("%s: unique key %r held by %s[%s]; returning it", record.task_name,
+                 record.unique_key, holder.task_name, holder.pk)
+    return holder
+
+
 def _insert_keyed(record: TaskRecord, given_id: bool) -> bool:
     """Insert (or, for a given task id in the ledger, take over) the row; False when an
-    unfinished row holds its key."""
+    unfinished row holds its key. A new id is inserted skipping a conflict where the database
+    can (no savepoint), else in a savepoint."""
+    if not given_id and statements.inserts_skipping_conflicts(router.db_for_write(TaskRecord)):
+        return bool(statements.insert_records_skipping_conflicts([record]))
     try:
         with _savepoint():
             record.save(force_insert=True)
@@ -393,7 +401,8 @@ def dispatch_many(calls: Iterable[Any]) -> list[TaskRecord]:
     A call may carry ``unique_key`` and ``on_conflict`` in its options, as for ``dispatch``:
     its place in the returned list holds the holder's record when the key is held (a key
     repeated within the batch is held by its first call), and a ``DuplicateTask`` records
-    none of the batch. Calls with a key are inserted one by one; the others in bulk.
+    none of the batch. Calls with a key are inserted in bulk too, skipping the rows whose key
+    is held, on PostgreSQL and SQLite; one by one on MySQL and MariaDB (``_record_keyed``).
     """
     app = get_celery_app()
     now = timezone.now()
@@ -415,11 +424,41 @@ def dispatch_many(calls: Iterable[Any]) -> list[TaskRecord]:
         unkeyed = [record for record in records if record.unique_key is None]
         if unkeyed:
             statements.insert_records(unkeyed)
-        for index, (policy, given_id) in keyed.items():
-            results[index] = _record_keyed(records[index], policy, given_id=given_id)
+        _record_keyed_calls(records, results, keyed)
     publish_on_commit([record for record, result in zip(records, results, strict=True)
                        if result is record])
     return results
+
+
+def _record_keyed_calls(records: list[TaskRecord], results: list[TaskRecord],
+                        keyed: Mapping[int, tuple[str, bool]]) -> None:
+    """Insert the calls of ``dispatch_many`` that have a key (``keyed``: their index, policy
+    and whether they name their task id) and put each one's answer in ``results``.
+
+    Where the database can skip a refused row, those that do not name a task id are inserted
+    in one statement, and only the refused ones are answered one by one: by the row that holds
+    the key (read once per key), else, if it finished meanwhile, by ``_record_keyed``.
+    """
+    one_by_one = dict(keyed)
+    if statements.inserts_skipping_conflicts(router.db_for_write(TaskRecord)):
+        bulk = [index for index, (_policy, given_id) in keyed.items() if not given_id]
+        inserted = statements.insert_records_skipping_conflicts([records[i] for i in bulk])
+        holders: dict[str, TaskRecord | None] = {}
+        for index in bulk:
+            del one_by_one[index]
+            record = records[index]
+            if record.pk in inserted:
+                continue
+            assert record.unique_key is not None
+            if record.unique_key not in holders:
+                holders[record.unique_key] = key_holder(record.unique_key)
+            holder = holders[record.unique_key]
+            if holder is None:
+                one_by_one[index] = keyed[index]
+            else:
+                results[index] = _answer_held_key(record, holder, keyed[index][0])
+    for index, (policy, given_id) in sorted(one_by_one.items()):
+        results[index] = _record_keyed(records[index], policy, given_id=given_id)
 
 
 class _WaitingHooks(threading.local):

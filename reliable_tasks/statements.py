@@ -122,10 +122,13 @@ def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
 def claims_within_limits_at_once(alias: str) -> bool:
     """Whether ``claim_within_limits`` can run on ``alias``: PostgreSQL, MySQL, MariaDB, and
     SQLite from 3.35 (``UPDATE ... RETURNING``)."""
-    connection = connections[alias]
-    if connection.vendor == "sqlite":
-        return sqlite3.sqlite_version_info >= (3, 35, 0)
-    return connection.vendor in ("postgresql", "mysql")
+    vendor = connections[alias].vendor
+    return vendor in ("postgresql", "mysql") or (vendor == "sqlite" and _sqlite_returns_rows())
+
+
+def _sqlite_returns_rows() -> bool:
+    """Whether this SQLite has ``RETURNING`` (3.35 and newer)."""
+    return sqlite3.sqlite_version_info >= (3, 35, 0)
 
 
 def claim_within_limits(task_id: str, *, task_name: str, worker: str, started_at: datetime,
@@ -297,3 +300,63 @@ def insert_records(records: Sequence[TaskRecord]) -> None:
     for record in records:
         record._state.adding = False
         record._state.db = alias
+
+
+#: The parameters SQLite takes in one statement, as Django counts them for ``bulk_create``.
+SQLITE_MAX_PARAMETERS = 999
+
+
+@lru_cache(maxsize=8)
+def _values_insert_skipping_conflicts_sql(alias: str, rows: int) -> str:
+    """``INSERT ... VALUES`` of ``rows`` rows of every concrete field, skipping conflicts."""
+    quote = connections[alias].ops.quote_name
+    fields = TaskRecord._meta.concrete_fields
+    columns = ", ".join(quote(str(field.column)) for field in fields)
+    row = f"({', '.join(['%s'] * len(fields))})"
+    return (f"INSERT INTO {quote(TaskRecord._meta.db_table)} ({columns}) VALUES "
+            f"{', '.join([row] * rows)} ON CONFLICT DO NOTHING RETURNING {quote('id')}")
+
+
+def inserts_skipping_conflicts(alias: str) -> bool:
+    """Whether ``insert_records_skipping_conflicts`` can run on ``alias``: PostgreSQL, and
+    SQLite from 3.35 (``RETURNING``). MySQL's nearest, ``INSERT IGNORE``, would also store
+    values it truncated."""
+    vendor = connections[alias].vendor
+    return vendor == "postgresql" or (vendor == "sqlite" and _sqlite_returns_rows())
+
+
+def insert_records_skipping_conflicts(records: Sequence[TaskRecord]) -> set[Any]:
+    """INSERT new ledger rows (new ids) in batches, in the current transaction, skipping each
+    row that a unique constraint refuses (an unfinished row holds its ``unique_key``, or an
+    earlier row of the same call took it); returns the primary keys of the rows inserted.
+
+    ``ON CONFLICT DO NOTHING``, which skips a row that breaks a uniqueness constraint and
+    nothing else (a NOT NULL or CHECK error is still raised), and leaves the transaction usable:
+    no savepoint is needed. PostgreSQL: ``insert_records``' statement with it (one row: plain
+    ``VALUES``, which PostgreSQL plans faster than 45 arrays); SQLite: a multi-row ``VALUES``,
+    as ``bulk_create`` sends.
+    """
+    alias = _alias()
+    connection = connections[alias]
+    fields = TaskRecord._meta.concrete_fields
+    pk: Any = TaskRecord._meta.pk
+    inserted: set[Any] = set()
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql" and len(records) > 1:
+            sql = f"{_unnest_insert_sql(alias)} ON CONFLICT DO NOTHING RETURNING id"
+            for start in range(0, len(records), INSERT_BATCH):
+                cursor.execute(sql, [_column(field, records[start:start + INSERT_BATCH])
+                                     for field in fields])
+                inserted.update(row[0] for row in cursor.fetchall())
+        else:
+            per_statement = max(1, SQLITE_MAX_PARAMETERS // len(fields))
+            for start in range(0, len(records), per_statement):
+                batch = records[start:start + per_statement]
+                cursor.execute(_values_insert_skipping_conflicts_sql(alias, len(batch)), [
+                    field.get_db_prep_save(getattr(record, field.attname), connection)
+                    for record in batch for field in fields])
+                inserted.update(pk.to_python(row[0]) for row in cursor.fetchall())
+    for record in records:
+        record._state.adding = record.pk not in inserted
+        record._state.db = alias
+    return inserted

@@ -20,12 +20,13 @@ from typing import Any
 import pytest
 from django.db import connection, transaction
 from django.db.migrations.executor import MigrationExecutor
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from example_project.celery import app as celery_app
 from example_project.demo.models import Execution
 from example_project.demo.tasks import add, record, replaced
-from reliable_tasks import ReliableTask, dispatch, dispatch_many, ledger, outbox
+from reliable_tasks import ReliableTask, dispatch, dispatch_many, ledger, outbox, statements
 from reliable_tasks.exceptions import DispatchError, DuplicateTask, RetryNotAllowed
 from reliable_tasks.models import (
     KEY_HOLDING_STATES,
@@ -350,6 +351,49 @@ def test_dispatch_many_raising_records_none_of_the_batch(shared_redis):
 
     assert TaskRecord.objects.count() == 1
     assert shared_redis.client().llen("celery") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_dispatch_many_inserts_keyed_calls_in_one_statement_where_the_database_skips_conflicts(
+        shared_redis):
+    def inserts(calls: list[Any]) -> tuple[list[TaskRecord], int]:
+        with CaptureQueriesContext(connection) as queries:
+            results = dispatch_many(calls)
+        return results, sum(query["sql"].startswith("INSERT") for query in queries)
+
+    _unkeyed, unkeyed_inserts = inserts([add.s(index, index) for index in range(60)])
+    TaskRecord.objects.all().delete()
+    held = dispatch(add, (0, 0), unique_key="k:0")
+
+    results, keyed_inserts = inserts(
+        [add.s(index, index).set(unique_key=f"k:{index % 40}") for index in range(60)])
+
+    if statements.inserts_skipping_conflicts(connection.alias):
+        assert keyed_inserts == unkeyed_inserts  # the statements of the calls without keys
+    else:  # MySQL and MariaDB: one INSERT per call (a refused one is not captured)
+        assert keyed_inserts == 39
+    assert results[0].pk == results[40].pk == held.pk
+    assert [results[index + 40].pk for index in range(1, 20)] == [
+        results[index].pk for index in range(1, 20)], "the first call of a key holds it"
+    assert TaskRecord.objects.count() == 40
+    assert shared_redis.client().llen("celery") == 60 + 40
+
+
+@pytest.mark.django_db
+def test_a_held_key_in_a_transaction_leaves_it_usable_and_needs_no_savepoint_where_skipped():
+    with transaction.atomic():
+        first = dispatch(add, (1, 1), unique_key="k")
+        with CaptureQueriesContext(connection) as queries:
+            second = dispatch(add, (2, 2), unique_key="k")
+        third = dispatch(add, (3, 3), unique_key="other")
+
+    assert second.pk == first.pk and third.pk != first.pk
+    savepoints = [query for query in queries if "SAVEPOINT" in query["sql"].upper()]
+    if statements.inserts_skipping_conflicts(connection.alias):
+        assert savepoints == []
+    else:  # MySQL and MariaDB: the refused INSERT is undone by its savepoint
+        assert savepoints
+    assert TaskRecord.objects.count() == 2
 
 
 # --- manual retries and reused task ids ------------------------------------------------------
