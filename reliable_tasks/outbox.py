@@ -436,7 +436,7 @@ def _record_keyed_calls(records: list[TaskRecord], results: list[TaskRecord],
     and whether they name their task id) and put each one's answer in ``results``.
 
     Where the database can skip a refused row, those that do not name a task id are inserted
-    in one statement, and only the refused ones are answered one by one: by the row that holds
+    in bulk, and only the refused ones are answered one by one: by the row that holds
     the key (read once per key), else, if it finished meanwhile, by ``_record_keyed``.
     """
     one_by_one = dict(keyed)

@@ -306,7 +306,7 @@ def insert_records(records: Sequence[TaskRecord]) -> None:
 SQLITE_MAX_PARAMETERS = 999
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=32)
 def _values_insert_skipping_conflicts_sql(alias: str, rows: int) -> str:
     """``INSERT ... VALUES`` of ``rows`` rows of every concrete field, skipping conflicts."""
     quote = connections[alias].ops.quote_name
