@@ -135,6 +135,17 @@ def test_the_claim_admits_up_to_the_limit_and_defers_the_rest():
 
 
 @pytest.mark.django_db
+def test_keys_differing_only_in_case_or_trailing_spaces_are_limited_apart():
+    keys = ["report", "Report", "report "]
+    rows = [dispatch(add, (1, 1), concurrency_key=key, concurrency_limit=1, rate_key=key,
+                     rate_limit="1/m") for key in keys]
+
+    assert [claim(row, f"w{index}").won for index, row in enumerate(rows)] == [True] * 3
+    assert sorted(TaskLimiter.objects.filter(key__startswith="r:").values_list(
+        "key", flat=True)) == sorted(f"r:{key}" for key in keys)  # a bucket each
+
+
+@pytest.mark.django_db
 def test_keys_are_limited_apart():
     first = dispatch(add, (1, 1), concurrency_key="a", concurrency_limit=1)
     second = dispatch(add, (1, 1), concurrency_key="b", concurrency_limit=1)

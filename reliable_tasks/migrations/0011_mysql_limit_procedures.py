@@ -20,6 +20,11 @@ These databases have no partial index: 0010's ``rt_task_waiters`` (concurrency_k
 holds every row of a key there, so counting the rows that waited read each older row of the key.
 Here it becomes (concurrency_key, state, waiting_for, created_at), which answers both counts of
 the slots from the index alone (its name is kept, so that the model's state stays true).
+
+The limit keys (``concurrency_key``, ``rate_key``, ``TaskLimiter.key``) get a binary, no-pad
+collation, as the unique key's column did in 0009: with the table's default, keys differing in
+letter case or trailing spaces were one key. The procedures' key variables are declared with it,
+so that comparisons with the columns do not mix collations.
 """
 
 from django.db import migrations
@@ -48,7 +53,7 @@ MODIFIES SQL DATA
 BEGIN
     DECLARE own_transaction BOOLEAN DEFAULT @@autocommit = 1;
     DECLARE found_row BOOLEAN DEFAULT TRUE;
-    DECLARE row_key, row_rate_key VARCHAR(255);
+    DECLARE row_key, row_rate_key {key_type};
     DECLARE row_rate_limit VARCHAR(32);
     DECLARE row_waiting VARCHAR(16);
     DECLARE row_created DATETIME(6);
@@ -131,21 +136,22 @@ CREATE PROCEDURE rt_free_slots_for_waiters(IN limited_key VARCHAR(255))
 MODIFIES SQL DATA
 BEGIN
     DECLARE own_transaction BOOLEAN DEFAULT @@autocommit = 1;
+    DECLARE the_key {key_type} DEFAULT limited_key;
     DECLARE found_row BOOLEAN DEFAULT TRUE;
     DECLARE head_limit BIGINT;
     DECLARE free BIGINT DEFAULT 0;
-{begin}    INSERT INTO reliable_tasks_tasklimiter (`key`) VALUES (CONCAT('c:', limited_key))
+{begin}    INSERT INTO reliable_tasks_tasklimiter (`key`) VALUES (CONCAT('c:', the_key))
         ON DUPLICATE KEY UPDATE `key` = `key`;
     SELECT concurrency_limit INTO head_limit FROM reliable_tasks_taskrecord
-        WHERE concurrency_key = limited_key AND state = 'WAITING'
+        WHERE concurrency_key = the_key AND state = 'WAITING'
             AND waiting_for = 'concurrency'
         ORDER BY created_at, id LIMIT 1;
     IF found_row THEN
         SELECT COALESCE(head_limit, 1)
             - (SELECT COUNT(*) FROM reliable_tasks_taskrecord
-               WHERE concurrency_key = limited_key AND state = 'STARTED')
+               WHERE concurrency_key = the_key AND state = 'STARTED')
             - (SELECT COUNT(*) FROM reliable_tasks_taskrecord
-               WHERE concurrency_key = limited_key AND state IN ('PENDING', 'QUEUED')
+               WHERE concurrency_key = the_key AND state IN ('PENDING', 'QUEUED')
                    AND waiting_for = 'concurrency')
             INTO free;
     END IF;
@@ -155,6 +161,11 @@ BEGIN
     SELECT GREATEST(free, 0);
 END
 """.replace("{begin}", _BEGIN)
+#: The columns of limit keys, compared byte for byte as on the other databases (the table's
+#: default collation ignores case and trailing spaces): model, column, its type and nullity.
+_KEY_COLUMNS = (("taskrecord", "concurrency_key", "varchar(255)", "NULL"),
+                ("taskrecord", "rate_key", "varchar(255)", "NULL"),
+                ("tasklimiter", "key", "varchar(257)", "NOT NULL"))
 _DROP_PROCEDURES = ("DROP PROCEDURE IF EXISTS rt_claim_within_limits",
                     "DROP PROCEDURE IF EXISTS rt_free_slots_for_waiters")
 _WAITERS_INDEX = "rt_task_waiters"
@@ -164,7 +175,8 @@ _WAITERS_COLUMNS = {"before": ("concurrency_key", "created_at"),
 
 class ClaimProcedure(migrations.operations.base.Operation):
     """On MySQL and MariaDB only: the procedures ``rt_claim_within_limits`` and
-    ``rt_free_slots_for_waiters``, and the columns of the index ``rt_task_waiters``."""
+    ``rt_free_slots_for_waiters``, the columns of the index ``rt_task_waiters``, and the
+    binary collation of the limit keys."""
 
     reversible = True
 
@@ -178,14 +190,27 @@ class ClaimProcedure(migrations.operations.base.Operation):
             f"ALTER TABLE {quote(model._meta.db_table)} DROP INDEX {quote(_WAITERS_INDEX)}, "
             f"ADD INDEX {quote(_WAITERS_INDEX)} ({listed})")
 
+    def _key_columns(self, schema_editor, apps, collation):
+        """Give the key columns ``collation`` (None: the table's default)."""
+        quote = schema_editor.quote_name
+        collated = f" CHARACTER SET utf8mb4 COLLATE {collation}" if collation else ""
+        for model_name, column, column_type, nullity in _KEY_COLUMNS:
+            table = quote(apps.get_model("reliable_tasks", model_name)._meta.db_table)
+            schema_editor.execute(
+                f"ALTER TABLE {table} MODIFY {quote(column)} {column_type}{collated} {nullity}")
+
     def database_forwards(self, app_label, schema_editor, from_state, to_state):
-        if schema_editor.connection.vendor == "mysql":
+        connection = schema_editor.connection
+        if connection.vendor == "mysql":
+            collation = "utf8mb4_nopad_bin" if connection.mysql_is_mariadb else "utf8mb4_0900_bin"
+            key_type = f"VARCHAR(255) CHARACTER SET utf8mb4 COLLATE {collation}"
+            self._key_columns(schema_editor, to_state.apps, collation)
             model = to_state.apps.get_model(app_label, "taskrecord")
             self._index(schema_editor, model, _WAITERS_COLUMNS["after"])
             for drop in _DROP_PROCEDURES:
                 schema_editor.execute(drop, params=None)
-            schema_editor.execute(_CLAIM_PROCEDURE, params=None)
-            schema_editor.execute(_FREE_SLOTS_PROCEDURE, params=None)
+            for procedure in (_CLAIM_PROCEDURE, _FREE_SLOTS_PROCEDURE):
+                schema_editor.execute(procedure.replace("{key_type}", key_type), params=None)
 
     def database_backwards(self, app_label, schema_editor, from_state, to_state):
         if schema_editor.connection.vendor == "mysql":
@@ -193,9 +218,10 @@ class ClaimProcedure(migrations.operations.base.Operation):
                 schema_editor.execute(drop, params=None)
             model = to_state.apps.get_model(app_label, "taskrecord")
             self._index(schema_editor, model, _WAITERS_COLUMNS["before"])
+            self._key_columns(schema_editor, to_state.apps, None)
 
     def describe(self):
-        return "On MySQL/MariaDB, the procedures of the limited claim and the wake-up, and an index"
+        return "On MySQL/MariaDB, the procedures of the limited claim and the wake-up, an index, and binary limit keys"
 
 
 class Migration(migrations.Migration):
