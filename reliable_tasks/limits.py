@@ -366,8 +366,8 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
     Takes the key's lock, so a claim deferring a row meanwhile is either seen here or sees the
     slot free. The limit is the oldest waiter's. Every limited run ends with this call, and
     mostly no row waits: on PostgreSQL it is one statement (migration 0010's function
-    ``rt_wake_concurrency_waiters``), on SQLite one ``UPDATE``, on MySQL and MariaDB one call
-    of migration 0011's ``rt_free_slots_for_waiters`` when nothing is to wake.
+    ``rt_wake_concurrency_waiters``), on SQLite (3.35+) one ``UPDATE``, on MySQL and MariaDB
+    one call of migration 0011's ``rt_free_slots_for_waiters`` when nothing is to wake.
     """
     alias = _alias()
     connection = connections[alias]
@@ -376,7 +376,7 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
             cursor.execute("SELECT rt_wake_concurrency_waiters(%s, %s)",
                            [concurrency_key, float(app_settings.PUBLISH_GRACE)])
             ids = [row[0] for row in cursor.fetchall()]
-    elif connection.vendor == "sqlite":
+    elif sqlite_returns_rows(connection):
         due = timezone.now() + timedelta(seconds=app_settings.PUBLISH_GRACE)
         with connection.cursor() as cursor:
             cursor.execute(_sqlite_wake_sql(alias), [
@@ -387,6 +387,13 @@ def wake(concurrency_key: str) -> list[TaskRecord]:
     else:
         ids = _wake_in_transaction(alias, concurrency_key)
     return list(TaskRecord.objects.using(alias).filter(id__in=ids)) if ids else []
+
+
+def sqlite_returns_rows(connection: Any) -> bool:
+    """Whether ``connection`` is SQLite with ``UPDATE ... RETURNING`` (3.35 and newer; Django
+    supports 3.31 on): the one-statement claim and wake-up need it."""
+    return bool(connection.vendor == "sqlite"
+                and connection.features.can_return_columns_from_insert)
 
 
 def _free_slots_for_waiters(alias: str, concurrency_key: str) -> int:

@@ -15,7 +15,6 @@ spends inserting them; ``insert_records`` sends one array per column there inste
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -122,13 +121,8 @@ def claim(task_id: str, *, task_name: str, worker: str, started_at: datetime,
 def claims_within_limits_at_once(alias: str) -> bool:
     """Whether ``claim_within_limits`` can run on ``alias``: PostgreSQL, MySQL, MariaDB, and
     SQLite from 3.35 (``UPDATE ... RETURNING``)."""
-    vendor = connections[alias].vendor
-    return vendor in ("postgresql", "mysql") or (vendor == "sqlite" and _sqlite_returns_rows())
-
-
-def _sqlite_returns_rows() -> bool:
-    """Whether this SQLite has ``RETURNING`` (3.35 and newer)."""
-    return sqlite3.sqlite_version_info >= (3, 35, 0)
+    connection = connections[alias]
+    return connection.vendor in ("postgresql", "mysql") or limits.sqlite_returns_rows(connection)
 
 
 def claim_within_limits(task_id: str, *, task_name: str, worker: str, started_at: datetime,
@@ -321,8 +315,8 @@ def inserts_skipping_conflicts(alias: str) -> bool:
     """Whether ``insert_records_skipping_conflicts`` can run on ``alias``: PostgreSQL, and
     SQLite from 3.35 (``RETURNING``). MySQL's nearest, ``INSERT IGNORE``, would also store
     values it truncated."""
-    vendor = connections[alias].vendor
-    return vendor == "postgresql" or (vendor == "sqlite" and _sqlite_returns_rows())
+    connection = connections[alias]
+    return connection.vendor == "postgresql" or limits.sqlite_returns_rows(connection)
 
 
 def insert_records_skipping_conflicts(records: Sequence[TaskRecord]) -> set[Any]:

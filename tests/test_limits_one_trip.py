@@ -209,3 +209,20 @@ def test_the_wake_up_turns_the_oldest_waiters_that_fit_pending_and_returns_them(
         (TaskState.PENDING, WaitReason.CONCURRENCY), (TaskState.PENDING, WaitReason.CONCURRENCY),
         (TaskState.WAITING, WaitReason.CONCURRENCY)]
     assert limits.wake("k") == []  # the woken rows hold both slots until they start
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_sqlite_without_returning_claims_and_wakes_in_transactions(monkeypatch):
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite before 3.35, which Django still supports")
+    monkeypatch.setattr(connection.features, "can_return_columns_from_insert", False)
+    assert not statements.claims_within_limits_at_once(connection.alias)
+    rows = [limited_row(concurrency_key="k", concurrency_limit=1) for _ in range(2)]
+
+    claims = [claim(row, f"w{index}") for index, row in enumerate(rows)]
+    assert [claimed.won for claimed in claims] == [True, False]
+    assert ledger.record_success(str(rows[0].pk), claims[0])
+    woken = limits.wake("k")
+
+    assert [str(record.pk) for record in woken] == [str(rows[1].pk)]
+    assert state(rows[1])[:2] == (TaskState.PENDING, WaitReason.CONCURRENCY)
