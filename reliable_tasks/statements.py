@@ -296,10 +296,6 @@ def insert_records(records: Sequence[TaskRecord]) -> None:
         record._state.db = alias
 
 
-#: The parameters SQLite takes in one statement, as Django counts them for ``bulk_create``.
-SQLITE_MAX_PARAMETERS = 999
-
-
 @lru_cache(maxsize=32)
 def _values_insert_skipping_conflicts_sql(alias: str, rows: int) -> str:
     """``INSERT ... VALUES`` of ``rows`` rows of every concrete field, skipping conflicts."""
@@ -343,7 +339,8 @@ def insert_records_skipping_conflicts(records: Sequence[TaskRecord]) -> set[Any]
                                      for field in fields])
                 inserted.update(row[0] for row in cursor.fetchall())
         else:
-            per_statement = max(1, SQLITE_MAX_PARAMETERS // len(fields))
+            # As many rows per statement as ``bulk_create`` sends (SQLite's parameter limit).
+            per_statement = max(1, connection.ops.bulk_batch_size(fields, records))
             for start in range(0, len(records), per_statement):
                 batch = records[start:start + per_statement]
                 cursor.execute(_values_insert_skipping_conflicts_sql(alias, len(batch)), [
